@@ -1,0 +1,47 @@
+# capsnet: the documented entry points.  `make train` and `make test` install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Data root: $CAPSNET_DATA_DIR if set, else ./data, else a sibling shared/data checkout.
+CAPSNET_DATA_DIR ?= $(or $(patsubst %/MNIST/raw,%,$(firstword $(wildcard data/MNIST/raw ../shared/data/MNIST/raw))),data)
+export CAPSNET_DATA_DIR
+ARGS ?=
+PROFILE ?= smoke
+
+.PHONY: install train test test-slow test-gpu bench reproduce-table clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev,launchers,affnist]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# CapsNet r=3 + reconstruction on MNIST.  Without a GPU: profile=smoke (a few minutes);
+# with one: the paper's schedule.  Extra overrides: make train ARGS="routing.iters=1".
+train: install
+	@profile=$$($(PY) -c "import torch; print('paper' if torch.cuda.is_available() else 'smoke')"); \
+	if [ "$$profile" = smoke ]; then echo "No GPU found: training with profile=smoke (tiny subset, minutes on a CPU). Pass ARGS=profile=paper to override."; fi; \
+	$(PY) src/train.py profile=$$profile $(ARGS)
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+test-gpu: install
+	$(PY) -m pytest -q -m gpu
+
+bench: install
+	$(PY) bench/throughput.py $(ARGS)
+
+reproduce-table: install
+	$(PY) src/train.py -m experiment=table1 profile=$(PROFILE) $(ARGS)
+	$(PY) src/train.py -m experiment=table1_multimnist profile=$(PROFILE) $(ARGS)
+	$(PY) -m capsnet.table multirun/table1 multirun/table1_multimnist --out results --profile $(PROFILE)
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,125 @@
+"""The three capsule-network building blocks: PrimaryCaps, DigitCaps and the decoder."""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from capsnet.routing import dynamic_routing, squash
+
+
+class PrimaryCaps(nn.Module):
+    """A 9×9 stride-2 convolution whose channels are cut into 8-D capsules, then squashed.
+
+    No ReLU: the squash is the non-linearity (§4).
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 256,
+        capsule_types: int = 32,
+        capsule_dim: int = 8,
+        kernel_size: int = 9,
+        stride: int = 2,
+    ) -> None:
+        super().__init__()
+        self.capsule_types = capsule_types
+        self.capsule_dim = capsule_dim
+        self.conv = nn.Conv2d(
+            in_channels, capsule_types * capsule_dim, kernel_size=kernel_size, stride=stride
+        )
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Shapes: features [B, C, H, W] -> capsules [B, types*H'*W', capsule_dim]."""
+        out = self.conv(features)
+        capsules = rearrange(out, "b (n d) h w -> b (n h w) d", n=self.capsule_types)
+        return squash(capsules)
+
+
+class DigitCaps(nn.Module):
+    """One 8×16 matrix per (primary capsule i, digit capsule j), then dynamic routing.
+
+    The prediction vectors are computed as one batched matmul over i, written straight
+    into the parent-major layout routing consumes, so no [B, I, J, 16, 8] broadcast is
+    ever materialised.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_capsules: int,
+        in_dim: int = 8,
+        out_capsules: int = 10,
+        out_dim: int = 16,
+        routing_iterations: int = 3,
+        bias: bool = False,
+        detach_agreement: bool = False,
+        weight_std: float = 0.05,
+    ) -> None:
+        super().__init__()
+        assert routing_iterations >= 1, f"routing_iterations must be >= 1, got {routing_iterations}"
+        self.in_capsules, self.in_dim = in_capsules, in_dim
+        self.out_capsules, self.out_dim = out_capsules, out_dim
+        self.routing_iterations = routing_iterations
+        self.detach_agreement = detach_agreement
+        # W_ij stored as (I, in_dim, J*out_dim) so û = u @ W is a single bmm over i.
+        self.weight = nn.Parameter(torch.randn(in_capsules, in_dim, out_capsules * out_dim) * weight_std)
+        self.bias = nn.Parameter(torch.zeros(out_capsules, out_dim)) if bias else None
+
+    def predictions(self, u: Tensor) -> Tensor:
+        """Prediction vectors û_{j|i} = W_ij u_i.
+
+        Shapes: u [B, I, in_dim] -> u_hat [B, I, J, out_dim] (a view of a parent-major tensor).
+        """
+        batch = u.shape[0]
+        assert u.shape[1:] == (self.in_capsules, self.in_dim), (
+            f"expected {self.in_capsules} capsules of {self.in_dim}D, got {tuple(u.shape[1:])}"
+        )
+        u_hat = torch.bmm(u.transpose(0, 1), self.weight)  # (I, B, J*D)
+        u_hat = u_hat.view(self.in_capsules, batch, self.out_capsules, self.out_dim)
+        u_pm = u_hat.permute(1, 2, 0, 3).contiguous()  # (B, J, I, D)
+        return u_pm.transpose(1, 2)  # (B, I, J, D) view
+
+    def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """Shapes: u [B, I, in_dim] -> (v [B, J, out_dim], c [B, I, J])."""
+        return dynamic_routing(
+            self.predictions(u),
+            self.routing_iterations,
+            bias=self.bias,
+            detach_agreement=self.detach_agreement,
+        )
+
+
+class Decoder(nn.Module):
+    """FC 512 → FC 1024 → FC H·W·C with a sigmoid, fed the masked digit capsules (§4.1)."""
+
+    def __init__(
+        self,
+        *,
+        num_capsules: int = 10,
+        capsule_dim: int = 16,
+        out_shape: tuple[int, int, int] = (1, 28, 28),
+    ) -> None:
+        super().__init__()
+        self.out_shape = out_shape
+        channels, height, width = out_shape
+        self.net = nn.Sequential(
+            nn.Linear(num_capsules * capsule_dim, 512),
+            nn.ReLU(inplace=True),
+            nn.Linear(512, 1024),
+            nn.ReLU(inplace=True),
+            nn.Linear(1024, channels * height * width),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, poses: Tensor, labels: Tensor) -> Tensor:
+        """Decode one capsule per example; all other capsules are zeroed.
+
+        Shapes: poses [B, K, D], labels [B] long -> images [B, C, H, W].
+        """
+        mask = torch.zeros(poses.shape[:2], dtype=poses.dtype, device=poses.device)
+        mask.scatter_(1, labels.view(-1, 1), 1.0)
+        flat = (poses * mask.unsqueeze(-1)).flatten(1)
+        return self.net(flat).view(-1, *self.out_shape)

@@ -1,0 +1,191 @@
+"""One LightningModule for every network: losses, masking, metrics and the optimiser."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import Tensor, nn
+
+from capsnet.losses import as_multi_hot, margin_loss, reconstruction_loss
+from capsnet.models import BaselineCNN, CapsNet, MultiMNISTBaselineCNN
+from capsnet.routing import capsule_lengths
+
+TASKS = ("single", "multi")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the message names the step and each loss part."""
+
+
+def build_model(model: dict[str, Any], *, image_size: int, in_channels: int, num_classes: int, task: str) -> nn.Module:
+    """The network named by ``model["name"]`` for this dataset's image size and task."""
+    name = model["name"]
+    if name == "capsnet":
+        return CapsNet(
+            input_size=image_size,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            routing_iterations=int(model["routing_iterations"]),
+            reconstruction=bool(model["reconstruction"]),
+            digit_bias=bool(model.get("digit_bias", False)),
+            detach_agreement=bool(model.get("detach_agreement", False)),
+            weight_std=float(model.get("weight_std", 0.05)),
+        )
+    if name == "baseline":
+        if task == "multi":
+            return MultiMNISTBaselineCNN(input_size=image_size, in_channels=in_channels, num_classes=num_classes)
+        return BaselineCNN(
+            input_size=image_size, in_channels=in_channels, num_classes=num_classes,
+            dropout=float(model.get("dropout", 0.5)),
+        )
+    raise ValueError(f"model.name: unknown model {name!r}; choose one of capsnet, baseline")
+
+
+def top_k_error(scores: Tensor, labels: Tensor) -> Tensor:
+    """Per-example 0/1 error.  Labels [B]: argmax must match.  Labels [B, k]: the k
+    highest scores must equal the labels as a set (MultiMNIST scoring).
+
+    Shapes: scores [B, K]; labels [B] or [B, k] -> float [B].
+    """
+    if labels.dim() == 1:
+        return (scores.argmax(dim=1) != labels).float()
+    k = labels.shape[1]
+    predicted = scores.topk(k, dim=1).indices.sort(dim=1).values
+    return (predicted != labels.sort(dim=1).values).any(dim=1).float()
+
+
+class CapsNetModule(L.LightningModule):
+    """Trains CapsNet (margin + 0.0005·SSE reconstruction) or a CNN baseline.
+
+    Args:
+        model: model config (``name`` plus the model's own keys).
+        data: what the network needs to know about the data (image_size, in_channels,
+            num_classes, task).
+        loss: m_pos, m_neg, lam, recon_weight, official_scaling, mask_with_label_at_test.
+        optim: lr, decay_rate, decay_steps (lr · rate^(step/decay_steps), every step).
+        nan_check_every: check the loss for NaN/inf every this many steps (1 = every step;
+            larger avoids a host sync per step on a GPU).
+    """
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        data: dict[str, Any],
+        loss: dict[str, Any],
+        optim: dict[str, Any],
+        nan_check_every: int = 1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        assert data["task"] in TASKS, f"task must be one of {TASKS}, got {data['task']!r}"
+        self.task = data["task"]
+        self.net = build_model(
+            model, image_size=data["image_size"], in_channels=data["in_channels"],
+            num_classes=data["num_classes"], task=self.task,
+        )
+        self.is_capsnet = isinstance(self.net, CapsNet)
+        self.loss_cfg, self.optim_cfg = loss, optim
+        self.nan_check_every = nan_check_every
+        self.errors = nn.ModuleDict({f"{stage}_error": torchmetrics.MeanMetric() for stage in ("train", "val", "test")})
+        self.extra_errors = nn.ModuleDict()  # extra test sets, e.g. affNIST
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Class scores: capsule lengths for CapsNet, logits for the CNNs."""
+        return self.net(x).lengths if self.is_capsnet else self.net(x)
+
+    # ---- losses -------------------------------------------------------------------------
+    def _capsnet_losses(self, images: Tensor, labels: Tensor, parts: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg = self.loss_cfg
+        poses, _ = self.net.encode(images)
+        lengths = capsule_lengths(poses)
+        parts_out = {
+            "margin": margin_loss(
+                lengths, as_multi_hot(labels, lengths.shape[1]) if labels.dim() > 1 else labels,
+                m_pos=cfg["m_pos"], m_neg=cfg["m_neg"], lam=cfg["lam"],
+                official_scaling=cfg["official_scaling"],
+            )
+        }
+        if self.net.decoder is not None:
+            if self.task == "multi":
+                # one reconstruction per present digit, each against that digit's own image
+                recon = sum(
+                    reconstruction_loss(self.net.reconstruct(poses, labels[:, k]), parts[:, k], cfg["recon_weight"])
+                    for k in range(labels.shape[1])
+                )
+            else:
+                use_label = self.training or cfg["mask_with_label_at_test"]
+                mask = labels if use_label else lengths.argmax(dim=1)
+                recon = reconstruction_loss(self.net.reconstruct(poses, mask), images, cfg["recon_weight"])
+            parts_out["recon"] = recon
+        return lengths, parts_out
+
+    def _cnn_losses(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        logits = self.net(images)
+        if self.task == "multi":
+            targets = torch.zeros_like(logits).scatter_(1, labels, 1.0)
+            return logits, {"bce": F.binary_cross_entropy_with_logits(logits.float(), targets)}
+        return logits, {"ce": F.cross_entropy(logits.float(), labels)}
+
+    def _step(self, batch: tuple[Tensor, ...], stage: str, errors: torchmetrics.MeanMetric) -> Tensor:
+        images, labels = batch[0], batch[1]
+        parts = batch[2] if self.task == "multi" else None
+        if self.is_capsnet:
+            scores, loss_parts = self._capsnet_losses(images, labels, parts)
+        else:
+            scores, loss_parts = self._cnn_losses(images, labels)
+        loss = sum(loss_parts.values())
+        errors.update(top_k_error(scores.detach(), labels))
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=on_step)
+        for name, value in loss_parts.items():
+            self.log(f"{stage}/{name}_loss", value, on_step=False, on_epoch=True)
+        self.log(f"{stage}/error", errors, on_step=False, on_epoch=True, prog_bar=stage != "test")
+        if stage == "train":
+            self._check_finite(loss, loss_parts)
+        return loss
+
+    def _check_finite(self, loss: Tensor, loss_parts: dict[str, Tensor]) -> None:
+        step = self.global_step
+        if step % self.nan_check_every == 0 and not bool(torch.isfinite(loss)):
+            described = ", ".join(f"{name}={float(value):.6g}" for name, value in loss_parts.items())
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} (epoch {self.current_epoch}): loss={float(loss):.6g} "
+                f"[{described}]; checked every {self.nan_check_every} step(s)"
+            )
+
+    # ---- Lightning hooks ------------------------------------------------------------------
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        return self._step(batch, "train", self.errors["train_error"])
+
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        self._step(batch, "val", self.errors["val_error"])
+
+    def test_step(self, batch: tuple[Tensor, ...], batch_idx: int, dataloader_idx: int = 0) -> None:
+        names = self.test_set_names()
+        if dataloader_idx == 0:
+            self._step(batch, "test", self.errors["test_error"])
+            return
+        name = names[dataloader_idx]
+        if name not in self.extra_errors:
+            self.extra_errors[name] = torchmetrics.MeanMetric().to(self.device)
+        metric = self.extra_errors[name]
+        metric.update(top_k_error(self(batch[0]).detach(), batch[1]))
+        self.log(f"test/{name}_error", metric, on_step=False, on_epoch=True, add_dataloader_idx=False)
+
+    def test_set_names(self) -> list[str]:
+        """Names of the datamodule's test loaders; the first is the dataset's own test split."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        return list(getattr(datamodule, "test_set_names", ["test"]))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.optim_cfg
+        optimizer = torch.optim.Adam(self.parameters(), lr=cfg["lr"])
+        rate, steps = float(cfg["decay_rate"]), float(cfg["decay_steps"])
+        # Continuous exponential decay applied every step: lr · 0.96^(step / 2000).
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: math.pow(rate, step / steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,23 @@
+"""Train one configuration (or a sweep with -m).  See README.md and conf/config.yaml."""
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from capsnet.training import run
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    record = run(cfg)
+    if record.get("status") == "failed":
+        print(f"run failed: {record.get('error')}", file=sys.stderr)
+        if HydraConfig.get().mode.name == "RUN":
+            sys.exit(1)
+    return record.get("val_error")
+
+
+if __name__ == "__main__":
+    main()
