@@ -6,12 +6,18 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from capsnet.data.mnist import DataError
+from capsnet.schema import ConfigError
 from capsnet.training import run
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    record = run(cfg)
+    try:
+        record = run(cfg)
+    except (ConfigError, DataError) as error:  # before any training: stop, even a sweep
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     if record.get("status") == "failed":
         print(f"run failed: {record.get('error')}", file=sys.stderr)
         if HydraConfig.get().mode.name == "RUN":

@@ -26,8 +26,7 @@ def mnist_dir() -> Path:
     root = os.environ.get("CAPSNET_DATA_DIR")
     if not root or not (Path(root) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
         pytest.fail(
-            "real MNIST not found: set CAPSNET_DATA_DIR to a folder holding MNIST/raw/*-ubyte "
-            "(run pytest -m 'not mnist' to leave these tests out)"
+            "real MNIST not found: set CAPSNET_DATA_DIR to a folder holding MNIST/raw/*-ubyte"
         )
     return Path(root)
 

@@ -152,9 +152,9 @@ class CapsNetModule(L.LightningModule):
     def _check_finite(self, loss: Tensor, loss_parts: dict[str, Tensor]) -> None:
         step = self.global_step
         if step % self.nan_check_every == 0 and not bool(torch.isfinite(loss)):
-            described = ", ".join(f"{name}={float(value):.6g}" for name, value in loss_parts.items())
+            described = ", ".join(f"{name}={float(value.detach()):.6g}" for name, value in loss_parts.items())
             raise NonFiniteLossError(
-                f"non-finite loss at step {step} (epoch {self.current_epoch}): loss={float(loss):.6g} "
+                f"non-finite loss at step {step} (epoch {self.current_epoch}): loss={float(loss.detach()):.6g} "
                 f"[{described}]; checked every {self.nan_check_every} step(s)"
             )
 

@@ -1,0 +1,23 @@
+"""Evaluate a checkpoint: python src/eval.py ckpt_path=... data=mnist"""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from capsnet.data.mnist import DataError
+from capsnet.evaluation import CheckpointError, evaluate
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    try:
+        record = evaluate(cfg)
+    except (CheckpointError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print({k: v for k, v in record.items() if k.endswith("error")})
+
+
+if __name__ == "__main__":
+    main()
