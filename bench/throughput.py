@@ -1,0 +1,226 @@
+"""Throughput of capsnet's CapsNet against a plain, textbook PyTorch CapsNet, in one process.
+
+For r = 1 and 3 (reconstruction on, batch 128) it times training steps (forward + margin
+and reconstruction loss + backward + Adam step) and inference (forward, decoder masked by
+the longest capsule), reporting medians after warm-up, images/s, the ratio to the plain
+implementation, peak memory and the device.  Both models start from the same weights and
+the first loss of each is printed, so equal numbers are known to compute the same thing.
+
+    python bench/throughput.py                 # CPU (or the GPU when one is present)
+    python bench/throughput.py --variants default channels_last bf16 compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from capsnet.losses import margin_loss, reconstruction_loss  # noqa: E402
+from capsnet.models import CapsNet  # noqa: E402
+
+
+# --------------------------------------------------------------------------------------
+# The plain implementation: how most ports write it.  Eager float32, an einsum for the
+# prediction vectors, broadcast-multiply-and-sum routing.
+def plain_squash(s: Tensor) -> Tensor:
+    norm_sq = (s**2).sum(-1, keepdim=True)
+    return norm_sq / (1 + norm_sq) * s / torch.sqrt(norm_sq + 1e-8)
+
+
+class PlainCapsNet(nn.Module):
+    def __init__(self, routing_iterations: int) -> None:
+        super().__init__()
+        self.iterations = routing_iterations
+        self.conv1 = nn.Conv2d(1, 256, 9)
+        self.primary = nn.Conv2d(256, 256, 9, stride=2)
+        self.W = nn.Parameter(torch.randn(1152, 10, 16, 8) * 0.05)
+        self.decoder = nn.Sequential(
+            nn.Linear(160, 512), nn.ReLU(), nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 784), nn.Sigmoid()
+        )
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        h = F.relu(self.conv1(x))
+        p = self.primary(h)  # (B, 256, 6, 6)
+        b_, _, hh, ww = p.shape
+        u = p.view(b_, 32, 8, hh, ww).permute(0, 1, 3, 4, 2).reshape(b_, -1, 8)
+        u = plain_squash(u)
+        u_hat = torch.einsum("ijdk,bik->bijd", self.W, u)  # (B, 1152, 10, 16)
+        logits = torch.zeros(b_, 1152, 10, device=x.device)
+        for it in range(self.iterations):
+            c = F.softmax(logits, dim=2)
+            v = plain_squash((c.unsqueeze(-1) * u_hat).sum(dim=1))  # (B, 10, 16)
+            if it < self.iterations - 1:
+                logits = logits + (u_hat * v.unsqueeze(1)).sum(-1)
+        lengths = torch.sqrt((v**2).sum(-1) + 1e-8)
+        mask_idx = y if y is not None else lengths.argmax(1)
+        mask = F.one_hot(mask_idx, 10).float()
+        recon = self.decoder((v * mask.unsqueeze(-1)).flatten(1)).view(-1, 1, 28, 28)
+        return lengths, recon
+
+
+def copy_weights(ours: CapsNet, plain: PlainCapsNet) -> None:
+    """Give the plain model our weights (W re-laid out from (I, 8, J*16) to (I, J, 16, 8))."""
+    with torch.no_grad():
+        plain.conv1.load_state_dict(ours.conv1[0].state_dict())
+        plain.primary.load_state_dict(ours.primary_caps.conv.state_dict())
+        plain.W.copy_(ours.digit_caps.weight.view(1152, 8, 10, 16).permute(0, 2, 3, 1))
+        plain.decoder.load_state_dict(ours.decoder.net.state_dict())
+
+
+# --------------------------------------------------------------------------------------
+class PeakMemory:
+    """Peak memory of a block: CUDA allocator peak, or sampled RSS growth on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak = device, 0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * 4096
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        self._base, self._stop = self._rss(), threading.Event()
+        self._max = self._base
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                self._max = max(self._max, self._rss())
+                time.sleep(0.002)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = self._max - self._base
+
+
+def median_seconds(step: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def build_variant(name: str, iterations: int, device: torch.device) -> tuple[nn.Module, Callable, Callable]:
+    """(model, forward(x, y) -> (lengths, recon), autocast context factory)."""
+    autocast = nullcontext
+    if name == "plain":
+        model = PlainCapsNet(iterations).to(device)
+        return model, model, autocast
+    model = CapsNet(routing_iterations=iterations).to(device)
+    forward: Callable = model
+    if "channels_last" in name:
+        model = model.to(memory_format=torch.channels_last)
+    if "bf16" in name:
+        def autocast() -> torch.autocast:  # noqa: F811
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+    if "compile" in name:
+        forward = torch.compile(model)
+
+    def run(x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if "channels_last" in name:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = forward(x, y)
+        return out.lengths, out.reconstructions
+
+    return model, run, autocast
+
+
+def loss_of(lengths: Tensor, recon: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    return margin_loss(lengths.float(), y) + reconstruction_loss(recon, x)
+
+
+def bench(args: argparse.Namespace) -> None:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name} | torch {torch.__version__} | batch {args.batch} | median of {args.repeats} after {args.warmup} warm-up")
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(args.batch, 1, 28, 28, generator=generator).to(device)
+    y = torch.randint(0, 10, (args.batch,), generator=generator).to(device)
+    header = f"{'r':>2} {'variant':<22} {'train img/s':>12} {'x plain':>8} {'infer img/s':>12} {'x plain':>8} {'peak MB':>9} {'first loss':>11}"
+    print(header)
+    print("-" * len(header))
+    for iterations in args.iters:
+        torch.manual_seed(0)
+        reference = CapsNet(routing_iterations=iterations)
+        plain_rate: dict[str, float] = {}
+        for variant in ["plain", *args.variants]:
+            model, forward, autocast = build_variant(variant, iterations, device)
+            if variant == "plain":
+                copy_weights(reference, model)
+            else:
+                model.load_state_dict(reference.state_dict())
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+            with autocast():
+                first_loss = loss_of(*forward(x, y), x, y).item()
+
+            def train_step() -> None:
+                with autocast():
+                    loss = loss_of(*forward(x, y), x, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+
+            def infer_step() -> None:
+                with torch.inference_mode(), autocast():
+                    forward(x)
+
+            with PeakMemory(device) as memory:
+                train_s = median_seconds(train_step, device, args.warmup, args.repeats)
+            infer_s = median_seconds(infer_step, device, args.warmup, args.repeats)
+            train_rate, infer_rate = args.batch / train_s, args.batch / infer_s
+            if variant == "plain":
+                plain_rate = {"train": train_rate, "infer": infer_rate}
+            print(
+                f"{iterations:>2} {variant:<22} {train_rate:>12.1f} {train_rate / plain_rate['train']:>7.2f}x "
+                f"{infer_rate:>12.1f} {infer_rate / plain_rate['infer']:>7.2f}x {memory.peak / 2**20:>9.0f} {first_loss:>11.6f}",
+                flush=True,
+            )
+            del model, optimizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--iters", type=int, nargs="+", default=[1, 3])
+    parser.add_argument("--variants", nargs="+", default=["default", "channels_last", "bf16", "channels_last+bf16"])
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="auto")
+    bench(parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Datasets and LightningDataModules: MNIST, expanded MNIST + affNIST-style, MultiMNIST."""

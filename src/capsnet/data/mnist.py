@@ -1,0 +1,169 @@
+"""MNIST: checksummed loading and the DataModule with ±2 px shifts done on the device."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import lightning as L
+import torch
+import torchvision
+from torch import Tensor
+
+from capsnet.data.loader import TensorBatches
+from capsnet.data.transforms import center_on_canvas, random_shift, to_float_images
+
+# SHA-256 of the four official, uncompressed MNIST IDX files.
+MNIST_SHA256 = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+
+HOW_TO_FIX = (
+    "Put the four official uncompressed MNIST IDX files in <data_dir>/MNIST/raw/ and point "
+    "the data root at <data_dir> with CAPSNET_DATA_DIR=<data_dir> (or paths.data_dir=<data_dir>)."
+)
+
+
+class DataError(RuntimeError):
+    """A dataset file is missing or corrupt; the message names the file and the fix."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_mnist(data_dir: str | Path) -> Path:
+    """Check that the four MNIST files exist with the right SHA-256; return the raw folder."""
+    raw = Path(data_dir).expanduser() / "MNIST" / "raw"
+    for name, expected in MNIST_SHA256.items():
+        path = raw / name
+        if not path.is_file():
+            raise DataError(f"MNIST file missing: {path.resolve()}. {HOW_TO_FIX}")
+        actual = _sha256(path)
+        if actual != expected:
+            raise DataError(
+                f"MNIST file corrupt: {path.resolve()} has SHA-256 {actual}, expected {expected} "
+                f"(truncated or altered download?). Replace it with the official file. {HOW_TO_FIX}"
+            )
+    return raw
+
+
+def load_mnist(data_dir: str | Path, train: bool) -> tuple[Tensor, Tensor]:
+    """Verified MNIST split as (images uint8 [N, 28, 28], labels int64 [N])."""
+    verify_mnist(data_dir)
+    dataset = torchvision.datasets.MNIST(root=str(Path(data_dir).expanduser()), train=train, download=False)
+    return dataset.data.clone(), dataset.targets.clone().long()
+
+
+def split_train_val(
+    images: Tensor, labels: Tensor, val_size: int, split_seed: int
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """Hold a seeded validation split out of the training set (independent of the run seed)."""
+    assert 0 < val_size < len(images), f"val_size must be in (0, {len(images)}), got {val_size}"
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(split_seed))
+    val_idx, train_idx = order[:val_size], order[val_size:]
+    return (images[train_idx], labels[train_idx]), (images[val_idx], labels[val_idx])
+
+
+def _take(pair: tuple[Tensor, Tensor], limit: int | None) -> tuple[Tensor, Tensor]:
+    return pair if limit is None else (pair[0][:limit], pair[1][:limit])
+
+
+class MNISTDataModule(L.LightningDataModule):
+    """MNIST with a held-out validation split and random ±``max_shift`` px training shifts.
+
+    The whole split lives in memory as uint8; batches are sliced, moved to the device as
+    uint8 and only there converted to float, placed on the canvas and shifted, so the
+    input pipeline costs next to nothing on a GPU.
+    """
+
+    task = "single"
+    num_classes = 10
+    in_channels = 1
+
+    def __init__(
+        self,
+        *,
+        data_dir: str,
+        batch_size: int = 128,
+        eval_batch_size: int = 500,
+        val_size: int = 5000,
+        split_seed: int = 0,
+        seed: int = 0,
+        max_shift: int = 2,
+        canvas_size: int = 28,
+        train_subset: int | None = None,
+        val_subset: int | None = None,
+        test_subset: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.data_dir = data_dir
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.val_size, self.split_seed, self.seed = val_size, split_seed, seed
+        self.max_shift, self.canvas_size = max_shift, canvas_size
+        self.train_subset, self.val_subset, self.test_subset = train_subset, val_subset, test_subset
+        self.train_set: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def image_size(self) -> int:
+        return self.canvas_size
+
+    def prepare_data(self) -> None:
+        verify_mnist(self.data_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train, val = split_train_val(*load_mnist(self.data_dir, train=True), self.val_size, self.split_seed)
+        self.train_set = _take(train, self.train_subset)
+        self.val_set = _take(val, self.val_subset)
+        self.test_set = _take(load_mnist(self.data_dir, train=False), self.test_subset)
+
+    def _position(self) -> tuple[int, int]:
+        """(epoch, first batch) from the trainer, so a resumed run skips trained batches."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        epoch = trainer.current_epoch
+        return epoch, trainer.global_step - epoch * int(trainer.num_training_batches)
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self) -> TensorBatches:
+        rank, world = self._rank()
+        return TensorBatches(
+            self.train_set, batch_size=self.batch_size, shuffle=True, seed=self.seed,
+            position=self._position, rank=rank, world_size=world,
+        )
+
+    def _eval_loader(self, tensors: tuple[Tensor, ...]) -> TensorBatches:
+        rank, world = self._rank()
+        return TensorBatches(tensors, batch_size=self.eval_batch_size, shuffle=False, rank=rank, world_size=world)
+
+    def val_dataloader(self) -> TensorBatches:
+        return self._eval_loader(self.val_set)
+
+    def test_dataloader(self) -> TensorBatches | list[TensorBatches]:
+        return self._eval_loader(self.test_set)
+
+    def place(self, images: Tensor) -> Tensor:
+        """uint8 digits → float images centred on this module's canvas."""
+        images = to_float_images(images)
+        return center_on_canvas(images, self.canvas_size) if images.shape[-1] != self.canvas_size else images
+
+    def on_after_batch_transfer(self, batch: tuple[Tensor, ...], dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        images, labels, idx = batch
+        images = self.place(images)
+        trainer = self.trainer
+        if trainer is not None and trainer.training and self.max_shift > 0:
+            images = random_shift(images, self.max_shift, self.seed, trainer.current_epoch, idx)
+        return images, labels
