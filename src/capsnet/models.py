@@ -97,29 +97,39 @@ class CapsNet(nn.Module):
 class BaselineCNN(nn.Module):
     """The paper's MNIST baseline (§5): three 5×5 'same' convs 256-256-128, FC 328-192-10.
 
-    35,445,522 parameters on 28×28.  Outputs logits for softmax cross-entropy.
+    35,445,522 parameters on 28×28.  Outputs logits for softmax cross-entropy.  The widths
+    are arguments so the affNIST experiment can use a CNN of CapsNet's size on 40×40.
     """
 
     def __init__(
-        self, *, input_size: int = 28, in_channels: int = 1, num_classes: int = 10, dropout: float = 0.5
+        self,
+        *,
+        input_size: int = 28,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        dropout: float = 0.5,
+        conv_channels: tuple[int, int, int] = (256, 256, 128),
+        hidden: tuple[int, int] = (328, 192),
     ) -> None:
         super().__init__()
+        c1, c2, c3 = conv_channels
+        h1, h2 = hidden
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 256, 5, padding=2),
+            nn.Conv2d(in_channels, c1, 5, padding=2),
             nn.ReLU(inplace=True),
-            nn.Conv2d(256, 256, 5, padding=2),
+            nn.Conv2d(c1, c2, 5, padding=2),
             nn.ReLU(inplace=True),
-            nn.Conv2d(256, 128, 5, padding=2),
+            nn.Conv2d(c2, c3, 5, padding=2),
             nn.ReLU(inplace=True),
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(128 * input_size * input_size, 328),
+            nn.Linear(c3 * input_size * input_size, h1),
             nn.ReLU(inplace=True),
-            nn.Linear(328, 192),
+            nn.Linear(h1, h2),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
-            nn.Linear(192, num_classes),
+            nn.Linear(h2, num_classes),
         )
 
     def forward(self, x: Tensor) -> Tensor:

@@ -42,6 +42,8 @@ def build_model(model: dict[str, Any], *, image_size: int, in_channels: int, num
         return BaselineCNN(
             input_size=image_size, in_channels=in_channels, num_classes=num_classes,
             dropout=float(model.get("dropout", 0.5)),
+            conv_channels=tuple(model.get("conv_channels", (256, 256, 128))),
+            hidden=tuple(model.get("hidden", (328, 192))),
         )
     raise ValueError(f"model.name: unknown model {name!r}; choose one of capsnet, baseline")
 
