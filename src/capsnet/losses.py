@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -9,9 +10,15 @@ RECON_WEIGHT = 0.0005  # §4.1: "scaled down by 0.0005"
 
 
 def as_multi_hot(targets: Tensor, num_classes: int) -> Tensor:
-    """Class indices [B] → one-hot float [B, K]; a float [B, K] is returned as is."""
+    """Targets as a float [B, K] multi-hot matrix.
+
+    Accepts class indices [B], sets of class indices [B, k] (integer, e.g. the two digits
+    of a MultiMNIST image) or an already multi-hot float [B, K].
+    """
     if targets.dim() == 1:
         return F.one_hot(targets.long(), num_classes).float()
+    if not targets.is_floating_point():
+        return torch.zeros(targets.shape[0], num_classes, device=targets.device).scatter_(1, targets.long(), 1.0)
     return targets.float()
 
 

@@ -107,7 +107,7 @@ class CapsNetModule(L.LightningModule):
         lengths = capsule_lengths(poses)
         parts_out = {
             "margin": margin_loss(
-                lengths, as_multi_hot(labels, lengths.shape[1]) if labels.dim() > 1 else labels,
+                lengths, as_multi_hot(labels, lengths.shape[1]),
                 m_pos=cfg["m_pos"], m_neg=cfg["m_neg"], lam=cfg["lam"],
                 official_scaling=cfg["official_scaling"],
             )
@@ -129,7 +129,7 @@ class CapsNetModule(L.LightningModule):
     def _cnn_losses(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.net(images)
         if self.task == "multi":
-            targets = torch.zeros_like(logits).scatter_(1, labels, 1.0)
+            targets = as_multi_hot(labels, logits.shape[1])
             return logits, {"bce": F.binary_cross_entropy_with_logits(logits.float(), targets)}
         return logits, {"ce": F.cross_entropy(logits.float(), labels)}
 
@@ -143,10 +143,13 @@ class CapsNetModule(L.LightningModule):
         loss = sum(loss_parts.values())
         errors.update(top_k_error(scores.detach(), labels))
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=on_step)
+        # add_dataloader_idx=False: the dataset's own test split keeps its plain key even
+        # when extra test sets (affNIST) are evaluated beside it.
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=on_step, add_dataloader_idx=False)
         for name, value in loss_parts.items():
-            self.log(f"{stage}/{name}_loss", value, on_step=False, on_epoch=True)
-        self.log(f"{stage}/error", errors, on_step=False, on_epoch=True, prog_bar=stage != "test")
+            self.log(f"{stage}/{name}_loss", value, on_step=False, on_epoch=True, add_dataloader_idx=False)
+        self.log(f"{stage}/error", errors, on_step=False, on_epoch=True, prog_bar=stage != "test",
+                 add_dataloader_idx=False)
         if stage == "train":
             self._check_finite(loss, loss_parts)
         return loss
@@ -177,7 +180,10 @@ class CapsNetModule(L.LightningModule):
             self.extra_errors[name] = torchmetrics.MeanMetric().to(self.device)
         metric = self.extra_errors[name]
         metric.update(top_k_error(self(batch[0]).detach(), batch[1]))
-        self.log(f"test/{name}_error", metric, on_step=False, on_epoch=True, add_dataloader_idx=False)
+        self.log(
+            f"test/{name}_error", metric, on_step=False, on_epoch=True, add_dataloader_idx=False,
+            metric_attribute=f"extra_errors.{name}",
+        )
 
     def test_set_names(self) -> list[str]:
         """Names of the datamodule's test loaders; the first is the dataset's own test split."""

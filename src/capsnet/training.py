@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from capsnet.builders import build_datamodule, build_logger, build_module
+from capsnet.figures import write_run_figures
 from capsnet.run_record import git_commit, read_metrics, write_metrics
 from capsnet.schema import validate_config
 
@@ -110,6 +111,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         best_path = best.best_model_path or str(ckpt_dir / LAST)
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)
         record.update(collect_test_metrics(results, cfg.data.name))
+        if cfg.figures:
+            record["figures"] = [p.name for p in _write_figures(module, datamodule, run_dir, trainer)]
         record.update(
             status="completed",
             val_error=float(best.best_model_score) if best.best_model_score is not None else None,
@@ -139,6 +142,16 @@ def collect_test_metrics(results: list[dict[str, float]], data_name: str) -> dic
     if data_name == "multimnist":
         record["multimnist_error"] = record["test_error"]
     return record
+
+
+def _write_figures(module, datamodule, run_dir: Path, trainer: L.Trainer) -> list[Path]:
+    """PNG figures into the run dir; also logged as images when W&B is on."""
+    written = write_run_figures(module.net, datamodule.sample_batches(), run_dir / "figures", module.task)
+    for logger in trainer.loggers:
+        if hasattr(logger, "log_image"):
+            pngs = [p for p in written if p.suffix == ".png"]
+            logger.log_image(key="figures", images=[str(p) for p in pngs], caption=[p.stem for p in pngs])
+    return written
 
 
 def _finish_logger(trainer: L.Trainer | None) -> None:

@@ -37,3 +37,9 @@ def test_reconstruction_loss_is_scaled_sse() -> None:
     target = torch.zeros(2, 1, 2, 2)
     target[1] = 0.5  # SSE 4 and 1 → mean 2.5
     assert reconstruction_loss(recon, target).item() == pytest.approx(0.0005 * 2.5)
+
+
+def test_margin_loss_accepts_label_pairs() -> None:
+    pairs = torch.tensor([[0, 1], [1, 0]])
+    multi_hot = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    assert margin_loss(LENGTHS, pairs).item() == pytest.approx(margin_loss(LENGTHS, multi_hot).item())

@@ -156,6 +156,13 @@ class AffNISTDataModule(MNISTDataModule):
             return [expanded, self._eval_loader(self.real_affnist)]
         return [expanded, self._eval_loader((torch.arange(len(self.affnist)),))]
 
+    def sample_batches(self, count: int = 32) -> dict[str, tuple[Tensor, ...]]:
+        """Small CPU batches for figures: expanded-MNIST test digits and the affine set."""
+        idx = torch.arange(count)
+        expanded = random_shift(self.place(self.test_set[0][:count]), self.max_shift, self.affnist_seed, TEST_PLACEMENT, idx)
+        affine = self.real_affnist if self.real_affnist is not None else self.affnist.batch(idx)
+        return {"expanded": (expanded, self.test_set[1][:count]), "affnist": (affine[0][:count], affine[1][:count])}
+
     def on_after_batch_transfer(self, batch: tuple[Tensor, ...], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         trainer = self.trainer
         testing = trainer is not None and trainer.testing

@@ -160,6 +160,13 @@ class MNISTDataModule(L.LightningDataModule):
         images = to_float_images(images)
         return center_on_canvas(images, self.canvas_size) if images.shape[-1] != self.canvas_size else images
 
+    def sample_batches(self, count: int = 32) -> dict[str, tuple[Tensor, ...]]:
+        """Small CPU batches for figures: shifted training digits and test digits."""
+        idx = torch.arange(count)
+        train = random_shift(self.place(self.train_set[0][:count]), self.max_shift, self.seed, 0, idx)
+        return {"test": (self.place(self.test_set[0][:count]), self.test_set[1][:count]),
+                "train": (train, self.train_set[1][:count])}
+
     def on_after_batch_transfer(self, batch: tuple[Tensor, ...], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         images, labels, idx = batch
         images = self.place(images)

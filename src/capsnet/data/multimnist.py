@@ -126,6 +126,10 @@ class MultiMNISTDataModule(MNISTDataModule):
     def test_dataloader(self) -> TensorBatches:
         return self._eval_loader((torch.arange(len(self.sets["test"])),))
 
+    def sample_batches(self, count: int = 32) -> dict[str, tuple[Tensor, ...]]:
+        """Small CPU batches for figures: test composites with their parts."""
+        return {"test": self.sets["test"].batch(torch.arange(count))}
+
     def on_after_batch_transfer(self, batch: tuple[Tensor, ...], dataloader_idx: int) -> tuple[Tensor, Tensor, Tensor]:
         index = batch[0]
         trainer = self.trainer

@@ -1,0 +1,127 @@
+"""Figures of the paper: data samples, reconstructions, dimension perturbations, routing.
+
+Each figure function returns a tensor image (so tests can check its shape) and the
+``write_*`` helpers save PNGs into a run dir.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torchvision.utils import make_grid, save_image
+
+from capsnet.models import CapsNet
+from capsnet.routing import dynamic_routing
+
+PERTURBATIONS = torch.arange(-0.25, 0.25 + 1e-9, 0.05)  # 11 steps, §5.1 / Fig. 4
+
+
+def grid(images: Tensor, nrow: int) -> Tensor:
+    """[N, C, H, W] in [0, 1] → one [3, H', W'] image, 2 px white separators."""
+    return make_grid(images.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=2, pad_value=1.0)
+
+
+@torch.no_grad()
+def reconstructions_beside_inputs(net: CapsNet, images: Tensor, labels: Tensor | None = None) -> Tensor:
+    """Row pairs: inputs, then reconstructions from the predicted capsule (or the labels').
+
+    Shapes: images [N, 1, H, W] -> [3, H', W'] with 2 rows of N.
+    """
+    out = net(images, labels)
+    return grid(torch.cat([images, out.reconstructions]), nrow=len(images))
+
+
+@torch.no_grad()
+def dimension_perturbation(net: CapsNet, image: Tensor) -> Tensor:
+    """Decode the predicted capsule with each of its 16 dimensions moved over
+    [-0.25, 0.25] in steps of 0.05: a 16×11 grid of reconstructions.
+
+    Shapes: image [1, 1, H, W] -> decoded [16 * 11, 1, H, W].
+    """
+    poses, _ = net.encode(image)
+    label = poses.norm(dim=-1).argmax(dim=1)  # (1,)
+    dims = poses.shape[-1]
+    tweaked = poses.repeat(dims * len(PERTURBATIONS), 1, 1)  # (16*11, K, 16)
+    for d in range(dims):
+        for s, delta in enumerate(PERTURBATIONS):
+            tweaked[d * len(PERTURBATIONS) + s, label, d] += delta
+    return net.reconstruct(tweaked, label.repeat(len(tweaked)))
+
+
+@torch.no_grad()
+def routing_convergence(net: CapsNet, images: Tensor, max_iterations: int = 10) -> Tensor:
+    """Mean absolute change of the coupling coefficients from r−1 to r routing iterations,
+    for r = 2..max_iterations, on a batch of digits (routing is deterministic, so the
+    coefficients after r iterations of a longer run are those of an r-iteration run).
+
+    Shapes: images [B, 1, H, W] -> [max_iterations - 1].
+    """
+    u_hat = net.digit_caps.predictions(net.primary_caps(net.conv1(images)))
+    couplings = [dynamic_routing(u_hat, r, bias=net.digit_caps.bias)[1] for r in range(1, max_iterations + 1)]
+    return torch.stack([(b - a).abs().mean() for a, b in zip(couplings, couplings[1:])])
+
+
+def overlay_reconstructions(images: Tensor, first: Tensor, second: Tensor) -> Tensor:
+    """MultiMNIST: the input in grey with each digit's reconstruction in its own colour
+    (red, green).  Shapes: three [N, 1, H, W] -> [N, 3, H, W]."""
+    grey = images.expand(-1, 3, -1, -1) * 0.35
+    red = torch.tensor([1.0, 0.1, 0.1], device=images.device).view(1, 3, 1, 1)
+    green = torch.tensor([0.1, 1.0, 0.1], device=images.device).view(1, 3, 1, 1)
+    return (grey + first * red + second * green).clamp(0, 1)
+
+
+def plot_routing_convergence(changes: Tensor, path: Path) -> Path:
+    """Line plot of :func:`routing_convergence` (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    ax.semilogy(range(2, len(changes) + 2), changes.cpu().numpy(), marker="o")
+    ax.set_xlabel("routing iterations r")
+    ax.set_ylabel("mean |c(r) − c(r−1)|")
+    ax.set_title("Routing convergence (coupling coefficients)")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def save_png(image: Tensor, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(image, path)
+    return path
+
+
+@torch.no_grad()
+def write_run_figures(
+    net: torch.nn.Module, batches: dict[str, tuple[Tensor, ...]], out_dir: Path, task: str
+) -> list[Path]:
+    """Data samples for every named batch, then the model figures on the first batch."""
+    written = []
+    for name, batch in batches.items():
+        written.append(save_png(grid(batch[0][:32], nrow=8), out_dir / f"samples_{name}.png"))
+        if task == "multi":
+            written.append(save_png(grid(batch[2][:8].flatten(0, 1), nrow=8), out_dir / f"samples_{name}_parts.png"))
+    if not isinstance(net, CapsNet) or net.decoder is None:
+        return written
+    net.eval()
+    device = next(net.parameters()).device
+    images = next(iter(batches.values()))[0][:8].to(device)
+    if task == "multi":
+        poses, _ = net.encode(images)
+        top2 = poses.norm(dim=-1).topk(2, dim=1).indices
+        first, second = net.reconstruct(poses, top2[:, 0]), net.reconstruct(poses, top2[:, 1])
+        overlay = overlay_reconstructions(images, first, second)
+        written.append(save_png(grid(torch.cat([images.expand(-1, 3, -1, -1), overlay]), nrow=8),
+                                out_dir / "reconstructions_multimnist.png"))
+        return written
+    written.append(save_png(reconstructions_beside_inputs(net, images), out_dir / "reconstructions.png"))
+    decoded = dimension_perturbation(net, images[:1])
+    written.append(save_png(grid(decoded, nrow=len(PERTURBATIONS)), out_dir / "dimension_perturbation.png"))
+    written.append(plot_routing_convergence(routing_convergence(net, images), out_dir / "routing_convergence.png"))
+    return written
