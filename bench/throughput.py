@@ -22,61 +22,14 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from capsnet.losses import margin_loss, reconstruction_loss  # noqa: E402
 from capsnet.models import CapsNet  # noqa: E402
-
-
-# --------------------------------------------------------------------------------------
-# The plain implementation: how most ports write it.  Eager float32, an einsum for the
-# prediction vectors, broadcast-multiply-and-sum routing.
-def plain_squash(s: Tensor) -> Tensor:
-    norm_sq = (s**2).sum(-1, keepdim=True)
-    return norm_sq / (1 + norm_sq) * s / torch.sqrt(norm_sq + 1e-8)
-
-
-class PlainCapsNet(nn.Module):
-    def __init__(self, routing_iterations: int) -> None:
-        super().__init__()
-        self.iterations = routing_iterations
-        self.conv1 = nn.Conv2d(1, 256, 9)
-        self.primary = nn.Conv2d(256, 256, 9, stride=2)
-        self.W = nn.Parameter(torch.randn(1152, 10, 16, 8) * 0.05)
-        self.decoder = nn.Sequential(
-            nn.Linear(160, 512), nn.ReLU(), nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 784), nn.Sigmoid()
-        )
-
-    def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        h = F.relu(self.conv1(x))
-        p = self.primary(h)  # (B, 256, 6, 6)
-        b_, _, hh, ww = p.shape
-        u = p.view(b_, 32, 8, hh, ww).permute(0, 1, 3, 4, 2).reshape(b_, -1, 8)
-        u = plain_squash(u)
-        u_hat = torch.einsum("ijdk,bik->bijd", self.W, u)  # (B, 1152, 10, 16)
-        logits = torch.zeros(b_, 1152, 10, device=x.device)
-        for it in range(self.iterations):
-            c = F.softmax(logits, dim=2)
-            v = plain_squash((c.unsqueeze(-1) * u_hat).sum(dim=1))  # (B, 10, 16)
-            if it < self.iterations - 1:
-                logits = logits + (u_hat * v.unsqueeze(1)).sum(-1)
-        lengths = torch.sqrt((v**2).sum(-1) + 1e-8)
-        mask_idx = y if y is not None else lengths.argmax(1)
-        mask = F.one_hot(mask_idx, 10).float()
-        recon = self.decoder((v * mask.unsqueeze(-1)).flatten(1)).view(-1, 1, 28, 28)
-        return lengths, recon
-
-
-def copy_weights(ours: CapsNet, plain: PlainCapsNet) -> None:
-    """Give the plain model our weights (W re-laid out from (I, 8, J*16) to (I, J, 16, 8))."""
-    with torch.no_grad():
-        plain.conv1.load_state_dict(ours.conv1[0].state_dict())
-        plain.primary.load_state_dict(ours.primary_caps.conv.state_dict())
-        plain.W.copy_(ours.digit_caps.weight.view(1152, 8, 10, 16).permute(0, 2, 3, 1))
-        plain.decoder.load_state_dict(ours.decoder.net.state_dict())
+from plain_capsnet import PlainCapsNet, copy_weights  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------
@@ -146,8 +99,9 @@ def build_variant(name: str, iterations: int, device: torch.device) -> tuple[nn.
     if "bf16" in name:
         def autocast() -> torch.autocast:  # noqa: F811
             return torch.autocast(device.type, dtype=torch.bfloat16)
-    if "compile" in name:
-        forward = torch.compile(model)
+    if "compile" in name:  # as perf.compile does: each sub-network, state-dict keys unchanged
+        for child in model.children():
+            child.compile()
 
     def run(x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if "channels_last" in name:

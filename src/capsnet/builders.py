@@ -52,6 +52,8 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> CapsNetM
         loss=_container(cfg.loss),
         optim=_container(cfg.optim),
         nan_check_every=int(cfg.nan_check_every),
+        channels_last=bool(cfg.perf.channels_last),
+        compile=bool(cfg.perf.compile),
     )
 
 

@@ -83,13 +83,18 @@ class DigitCaps(nn.Module):
         return u_pm.transpose(1, 2)  # (B, I, J, D) view
 
     def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        """Shapes: u [B, I, in_dim] -> (v [B, J, out_dim], c [B, I, J])."""
-        return dynamic_routing(
-            self.predictions(u),
-            self.routing_iterations,
-            bias=self.bias,
-            detach_agreement=self.detach_agreement,
-        )
+        """Shapes: u [B, I, in_dim] -> (v [B, J, out_dim], c [B, I, J]).
+
+        Under mixed precision the routing still runs in float32: its softmax of summed
+        agreements is the precision-sensitive part, and a small share of the time.
+        """
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            return dynamic_routing(
+                self.predictions(u.float()),
+                self.routing_iterations,
+                bias=self.bias,
+                detach_agreement=self.detach_agreement,
+            )
 
 
 class Decoder(nn.Module):

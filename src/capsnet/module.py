@@ -72,6 +72,9 @@ class CapsNetModule(L.LightningModule):
         optim: lr, decay_rate, decay_steps (lr · rate^(step/decay_steps), every step).
         nan_check_every: check the loss for NaN/inf every this many steps (1 = every step;
             larger avoids a host sync per step on a GPU).
+        channels_last: run the convolutions in NHWC memory layout.
+        compile: ``torch.compile`` each sub-network (state-dict keys stay unchanged, so
+            checkpoints load either way).
     """
 
     def __init__(
@@ -81,6 +84,8 @@ class CapsNetModule(L.LightningModule):
         loss: dict[str, Any],
         optim: dict[str, Any],
         nan_check_every: int = 1,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -93,17 +98,30 @@ class CapsNetModule(L.LightningModule):
         self.is_capsnet = isinstance(self.net, CapsNet)
         self.loss_cfg, self.optim_cfg = loss, optim
         self.nan_check_every = nan_check_every
+        self.channels_last, self.compile_net = channels_last, compile
         self.errors = nn.ModuleDict({f"{stage}_error": torchmetrics.MeanMetric() for stage in ("train", "val", "test")})
         self.extra_errors = nn.ModuleDict()  # extra test sets, e.g. affNIST
 
     def forward(self, x: Tensor) -> Tensor:
         """Class scores: capsule lengths for CapsNet, logits for the CNNs."""
+        x = self._layout(x)
         return self.net(x).lengths if self.is_capsnet else self.net(x)
+
+    def configure_model(self) -> None:
+        """Apply the speed switches once, on the training device."""
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        if self.compile_net:
+            for child in self.net.children():
+                child.compile()
+
+    def _layout(self, images: Tensor) -> Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
     # ---- losses -------------------------------------------------------------------------
     def _capsnet_losses(self, images: Tensor, labels: Tensor, parts: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.loss_cfg
-        poses, _ = self.net.encode(images)
+        poses, _ = self.net.encode(self._layout(images))
         lengths = capsule_lengths(poses)
         parts_out = {
             "margin": margin_loss(
@@ -127,7 +145,7 @@ class CapsNetModule(L.LightningModule):
         return lengths, parts_out
 
     def _cnn_losses(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        logits = self.net(images)
+        logits = self.net(self._layout(images))
         if self.task == "multi":
             targets = as_multi_hot(labels, logits.shape[1])
             return logits, {"bce": F.binary_cross_entropy_with_logits(logits.float(), targets)}

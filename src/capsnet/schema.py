@@ -66,6 +66,6 @@ def validate_config(cfg: DictConfig) -> None:
     rate = cfg.optim.decay_rate
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
         raise ConfigError("optim.decay_rate", rate, "must be a number in (0, 1]")
-    for key in ("resume", "deterministic", "figures", "loss.official_scaling", "loss.mask_with_label_at_test"):
+    for key in ("resume", "deterministic", "figures", "perf.channels_last", "perf.compile", "loss.official_scaling", "loss.mask_with_label_at_test"):
         if not isinstance(_select(cfg, key), bool):
             raise ConfigError(key, _select(cfg, key), "must be a boolean: true or false")

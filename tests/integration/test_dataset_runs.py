@@ -24,3 +24,8 @@ def test_affnist_smoke(model: str, make_cfg) -> None:
     assert record["status"] == "completed", record
     assert record["data"] == "affnist"
     assert 0 <= record["test_error"] <= 1 and 0 <= record["affnist_error"] <= 1
+
+
+def test_speed_switches_train_through_lightning(make_cfg) -> None:
+    record = run(make_cfg("perf.channels_last=true", "trainer.precision=bf16-mixed", *TINY))
+    assert record["status"] == "completed", record
