@@ -6,7 +6,12 @@ PY := $(VENV)/bin/python
 CAPSNET_DATA_DIR ?= $(or $(patsubst %/MNIST/raw,%,$(firstword $(wildcard data/MNIST/raw ../shared/data/MNIST/raw))),data)
 export CAPSNET_DATA_DIR
 ARGS ?=
-PROFILE ?= smoke
+# reproduce-table: PROFILE=smoke|fast|paper (default: fast with a GPU, smoke without);
+# EXPERIMENTS adds affnist on request; LAUNCHER=joblib_gpu or slurm for many GPUs.
+PROFILE ?= $(shell $(PY) -c "import torch; print('fast' if torch.cuda.is_available() else 'smoke')" 2>/dev/null || echo smoke)
+EXPERIMENTS ?= table1 multimnist
+LAUNCHER ?=
+WANDB ?=
 
 .PHONY: install train test test-slow test-gpu bench reproduce-table clean
 
@@ -38,10 +43,14 @@ test-gpu: install
 bench: install
 	$(PY) bench/throughput.py $(ARGS)
 
+# The sweeps of Table 1, then the table (results/table1.md, .csv) from their metrics.json.
 reproduce-table: install
-	$(PY) src/train.py -m experiment=table1 profile=$(PROFILE) $(ARGS)
-	$(PY) src/train.py -m experiment=table1_multimnist profile=$(PROFILE) $(ARGS)
-	$(PY) -m capsnet.table multirun/table1 multirun/table1_multimnist --out results --profile $(PROFILE)
+	@echo "reproduce-table: profile=$(PROFILE), experiments: $(EXPERIMENTS)"
+	@for experiment in $(EXPERIMENTS); do \
+	  $(PY) src/train.py -m experiment=$$experiment profile=$(PROFILE) \
+	    $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) $(if $(WANDB),logger=wandb) $(ARGS) || exit 1; \
+	done
+	$(PY) -m capsnet.table $(addprefix multirun/,$(EXPERIMENTS)) --out results --profile $(PROFILE) $(if $(WANDB),--wandb)
 
 clean:
 	rm -rf outputs .pytest_cache

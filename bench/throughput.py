@@ -169,7 +169,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--iters", type=int, nargs="+", default=[1, 3])
-    parser.add_argument("--variants", nargs="+", default=["default", "channels_last", "bf16", "channels_last+bf16"])
+    parser.add_argument("--variants", nargs="+", default=["default", "channels_last", "bf16", "compile", "compile+bf16"])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="auto")

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from capsnet.data.mnist import MNISTDataModule
 from capsnet.module import CapsNetModule
+from capsnet.tracking import is_wandb, log_resolved_config, wandb_overrides
 
 
 def _container(node: DictConfig) -> dict[str, Any]:
@@ -58,7 +59,10 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> CapsNetM
 
 
 def build_logger(cfg: DictConfig) -> Logger | bool:
-    """The configured experiment logger, or False for ``logger=none``."""
+    """The configured experiment logger (with the resolved config logged), or False."""
     if not cfg.get("logger") or "_target_" not in cfg.logger:
         return False
-    return instantiate(cfg.logger)
+    extra = wandb_overrides(cfg.logger) if is_wandb(cfg.logger) else {}
+    logger = instantiate(cfg.logger, **extra)
+    log_resolved_config(logger, cfg)
+    return logger

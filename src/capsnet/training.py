@@ -20,6 +20,7 @@ from capsnet.builders import build_datamodule, build_logger, build_module
 from capsnet.figures import write_run_figures
 from capsnet.run_record import git_commit, read_metrics, write_metrics
 from capsnet.schema import validate_config
+from capsnet.tracking import finish_wandb
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,25 @@ def is_redundant_baseline(cfg: DictConfig) -> bool:
     """The baseline ignores routing.iters and recon, so in a grid over them it trains only
     in the default cell (r=3, recon on); every other cell would repeat that job."""
     return cfg.model.name == "baseline" and (int(cfg.routing.iters), bool(cfg.recon)) != (3, True)
+
+
+def gpu_slot(trainer_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Under the joblib launcher, pin job k to GPU k mod (GPU count).
+
+    Parallel sweep jobs would otherwise all land on GPU 0.  Setting trainer.devices (not
+    CUDA_VISIBLE_DEVICES, which a reused worker process has already read) does the pinning.
+    """
+    import torch
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized() or trainer_kwargs.get("accelerator") == "cpu":
+        return {}
+    hydra_cfg = HydraConfig.get()
+    launcher = str(hydra_cfg.launcher.get("_target_", "")) if hydra_cfg.get("launcher") else ""
+    count = torch.cuda.device_count()
+    if "joblib" not in launcher.lower() or count < 1:
+        return {}
+    return {"accelerator": "gpu", "devices": [int(hydra_cfg.job.num) % count]}
 
 
 def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> tuple[ModelCheckpoint, ModelCheckpoint]:
@@ -100,6 +120,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         module = build_module(cfg, datamodule)
         best, periodic = _callbacks(cfg, ckpt_dir)
         trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+        trainer_kwargs.update(gpu_slot(trainer_kwargs))
         trainer = L.Trainer(
             **trainer_kwargs, callbacks=[best, periodic], logger=build_logger(cfg), default_root_dir=str(run_dir)
         )
@@ -125,7 +146,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if trainer is not None:
             record.update(epochs=trainer.current_epoch, steps=trainer.global_step)
         record["wall_time_s"] = round(time.time() - started, 2)
-        _finish_logger(trainer)
+        if trainer is not None:
+            finish_wandb(trainer.loggers)
         write_metrics(run_dir, record)
     return record
 
@@ -152,13 +174,3 @@ def _write_figures(module, datamodule, run_dir: Path, trainer: L.Trainer) -> lis
             pngs = [p for p in written if p.suffix == ".png"]
             logger.log_image(key="figures", images=[str(p) for p in pngs], caption=[p.stem for p in pngs])
     return written
-
-
-def _finish_logger(trainer: L.Trainer | None) -> None:
-    """Close a W&B run so the next job of a sweep starts its own."""
-    if trainer is None:
-        return
-    for logger in trainer.loggers:
-        experiment_finish = getattr(getattr(logger, "experiment", None), "finish", None)
-        if type(logger).__name__ == "WandbLogger" and callable(experiment_finish):
-            experiment_finish()

@@ -1,0 +1,124 @@
+"""Experiment sweeps end to end, launchers, and W&B offline tracking."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import CONF, run_cli
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from capsnet.table import build_table, load_records, to_markdown
+from capsnet.training import run
+
+TINY = ["trainer.limit_train_batches=1", "data.batch_size=8", "data.val_subset=16", "data.test_subset=16", "figures=false"]
+
+
+def _compose(*overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_table1_declares_the_whole_grid() -> None:
+    cfg = _compose("experiment=table1")
+    params = cfg.hydra.sweeper.params
+    assert params["routing.iters"] == "1,3,5,7,10" and params.recon == "true,false"
+    assert params.model == "capsnet,baseline" and params.seed == "0,1,2"
+    assert cfg.hydra.mode.name == "MULTIRUN" and cfg.experiment_name == "table1"
+    multi = _compose("experiment=multimnist")
+    assert multi.data.name == "multimnist" and multi.hydra.sweeper.params["routing.iters"] == "1,3"
+    affnist = _compose("experiment=affnist")
+    assert affnist.data.name == "affnist" and affnist.hydra.sweeper.params.model == "capsnet,baseline_affnist"
+
+
+def test_launcher_configs_compose() -> None:
+    slurm = _compose("hydra/launcher=slurm").hydra.launcher
+    assert slurm.gpus_per_node == 1 and "submitit" in slurm._target_
+    joblib = _compose("hydra/launcher=joblib_gpu").hydra.launcher
+    assert "joblib" in joblib._target_
+
+
+def test_smoke_table1_sweep_builds_the_table(tmp_path: Path, mnist_dir: Path) -> None:
+    sweep_dir = tmp_path / "table1"
+    result = run_cli(
+        "train.py", "-m", "experiment=table1", "profile=smoke", "logger=none", "routing.iters=1,3",
+        "recon=true,false", "seed=0", *TINY, f"paths.data_dir={mnist_dir}", f"hydra.sweep.dir={sweep_dir}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = load_records([sweep_dir])
+    statuses = sorted((r["model"], r["status"]) for r in records)
+    assert statuses == [("baseline", "completed")] + [("baseline", "skipped")] * 3 + [("capsnet", "completed")] * 4
+    markdown = to_markdown(build_table(records, profile="smoke"))
+    assert "(profile: smoke)" in markdown
+    filled = [line for line in markdown.splitlines() if "(n=1)" in line]
+    assert {line.split("|")[1].strip() + line.split("|")[2].strip() + line.split("|")[3].strip() for line in filled} == {
+        "Baseline CNN––", "CapsNet1no", "CapsNet1yes", "CapsNet3no", "CapsNet3yes"}
+
+    rerun = run_cli(
+        "train.py", "-m", "experiment=table1", "profile=smoke", "logger=none", "routing.iters=1", "recon=true",
+        "seed=0", *TINY, f"paths.data_dir={mnist_dir}", f"hydra.sweep.dir={sweep_dir}",
+    )
+    assert rerun.returncode == 0
+    assert "already completed; skipping" in rerun.stderr + rerun.stdout
+
+
+def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path: Path, mnist_dir: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    result = run_cli(
+        "train.py", "-m", "hydra/launcher=joblib_gpu", "hydra.launcher.n_jobs=2", "routing.iters=1,2",
+        "profile=smoke", "logger=none", *TINY, f"paths.data_dir={mnist_dir}", f"hydra.sweep.dir={sweep_dir}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in sweep_dir.glob("*/metrics.json")]
+    assert sorted(r["routing_iters"] for r in records) == [1, 2]
+    assert all(r["status"] == "completed" for r in records)
+
+
+def test_wandb_offline_writes_local_run_files(make_cfg, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no key configured
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_home"))
+    cfg = make_cfg("logger=wandb", "trainer.limit_train_batches=1", "data.val_subset=16", "data.test_subset=16")
+    record = run(cfg)
+    assert record["status"] == "completed", record
+    run_files = list((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(run_files) == 1 and run_files[0].stat().st_size > 0
+    logged = run_files[0].read_bytes()
+    assert b"routing" in logged and b"val/error" in logged  # resolved config and metrics
+    images = list(run_files[0].parent.glob("files/media/images/*.png"))
+    figures = list((Path(cfg.paths.output_dir) / "figures").glob("*.png"))
+    assert "reconstructions.png" in {p.name for p in figures}
+    assert len(images) == len(figures)  # every figure, reconstructions included, logged as an image
+
+
+@pytest.mark.parametrize("configured", [False, True])
+def test_wandb_goes_offline_without_a_key(configured: bool, monkeypatch, tmp_path: Path) -> None:
+    from capsnet.tracking import wandb_overrides
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    if configured:
+        monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_overrides({"offline": None}) == {"offline": not configured}
+    assert wandb_overrides({"offline": True}) == {"offline": True}
+
+
+def test_table_logged_to_wandb_offline(monkeypatch, tmp_path: Path) -> None:
+    from capsnet.table import main
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    run_dir = tmp_path / "runs" / "r3"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.json").write_text(json.dumps({
+        "model": "capsnet", "data": "mnist", "routing_iters": 3, "recon": True, "seed": 0,
+        "profile": "smoke", "status": "completed", "test_error": 0.5}))
+    main([str(tmp_path / "runs"), "--out", str(tmp_path / "results"), "--wandb"])
+    (run_file,) = (tmp_path / "results" / "wandb").glob("offline-run-*/run-*.wandb")
+    assert b"table1" in run_file.read_bytes()

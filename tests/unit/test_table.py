@@ -1,0 +1,83 @@
+"""The table builder on hand-written metrics.json files."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from capsnet.table import build_table, load_records, main, to_markdown
+
+
+def _write(root: Path, name: str, **record) -> None:
+    (root / name).mkdir(parents=True)
+    (root / name / "metrics.json").write_text(json.dumps(record))
+
+
+def _sweep(root: Path) -> Path:
+    base = {"data": "mnist", "profile": "fast", "status": "completed"}
+    for seed, err in enumerate([0.0025, 0.0030, 0.0020]):
+        _write(root, f"r3_recon_{seed}", model="capsnet", routing_iters=3, recon=True, seed=seed, test_error=err, **base)
+    _write(root, "r1_norecon_0", model="capsnet", routing_iters=1, recon=False, seed=0, test_error=0.0041, **base)
+    _write(root, "baseline_0", model="baseline", routing_iters=None, recon=None, seed=0, test_error=0.004, **base)
+    _write(root, "baseline_skip", model="baseline", routing_iters=None, recon=None, seed=0, status="skipped", data="mnist")
+    _write(root, "r5_nan", model="capsnet", routing_iters=5, recon=True, seed=0, data="mnist", profile="fast",
+           status="failed", error="NonFiniteLossError: non-finite loss at step 7")
+    _write(root, "multi_r3", model="capsnet", routing_iters=3, recon=True, seed=0, data="multimnist",
+           profile="fast", status="completed", test_error=0.06, multimnist_error=0.06)
+    _write(root, "smoke_r3", model="capsnet", routing_iters=3, recon=True, seed=9, data="mnist", profile="smoke",
+           status="completed", test_error=0.9)
+    return root
+
+
+def _rows(markdown: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in markdown.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 7 and cells[0] in ("CapsNet", "Baseline CNN"):
+            rows[f"{cells[0]} {cells[1]} {cells[2]}"] = cells[3:]
+    return rows
+
+
+def test_mean_sample_std_n_and_paper_values(tmp_path: Path) -> None:
+    table = build_table(load_records([_sweep(tmp_path)]), profile="fast")
+    rows = _rows(to_markdown(table))
+    # mean 0.25 %, sample std of (0.25, 0.30, 0.20) % = 0.05 %
+    assert rows["CapsNet 3 yes"] == ["0.25 ± 0.05 (n=3)", "0.25 ± 0.005", "6.00 (n=1)", "5.2"]
+    assert rows["CapsNet 1 no"] == ["0.41 (n=1)", "0.34 ± 0.032", "", ""]
+    assert rows["Baseline CNN – –"] == ["0.40 (n=1)", "0.39", "", "8.1"]
+    assert rows["CapsNet 10 yes"] == ["", "", "", ""]  # not run: blank; not in the paper: blank
+    assert rows["CapsNet 1 yes"] == ["", "0.29 ± 0.011", "", "7.5"]
+
+
+def test_failed_runs_listed_and_profile_in_title(tmp_path: Path) -> None:
+    markdown = to_markdown(build_table(load_records([_sweep(tmp_path)]), profile="fast"))
+    assert markdown.startswith("# Table 1 — test error % (profile: fast)")
+    assert "not** a reproduction" in markdown
+    assert "## Failed runs" in markdown and "r5_nan" in markdown and "non-finite loss at step 7" in markdown
+    assert "baseline_skip" not in markdown
+
+
+def test_profile_filter_keeps_smoke_out(tmp_path: Path) -> None:
+    table = build_table(load_records([_sweep(tmp_path)]), profile="smoke")
+    rows = _rows(to_markdown(table))
+    assert rows["CapsNet 3 yes"][0] == "90.00 (n=1)"
+    assert table["profiles"] == ["smoke"]
+
+
+def test_cli_writes_markdown_and_csv(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "results"
+    main([str(_sweep(tmp_path / "runs")), "--out", str(out), "--profile", "fast"])
+    assert (out / "table1.md").read_text().startswith("# Table 1")
+    with (out / "table1.csv").open() as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0][:4] == ["profile", "model", "routing", "reconstruction"]
+    assert ["fast", "CapsNet", "3", "yes", "0.25 ± 0.05 (n=3)", "0.25 ± 0.005", "6.00 (n=1)", "5.2"] in rows
+    assert len(rows) == 1 + 11
+
+
+def test_affnist_section(tmp_path: Path) -> None:
+    _write(tmp_path, "aff", model="capsnet", routing_iters=3, recon=True, seed=0, data="affnist", profile="fast",
+           status="completed", test_error=0.01, affnist_error=0.25)
+    markdown = to_markdown(build_table(load_records([tmp_path])))
+    assert "| CapsNet 3 | 1.00 (n=1) | 0.77 | 25.00 (n=1) | 21 |" in markdown
