@@ -38,9 +38,10 @@ def make_cfg(tmp_path: Path, mnist_dir: Path) -> Callable[..., DictConfig]:
     def _make(*overrides: str, output_dir: Path | None = None) -> DictConfig:
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            device = [] if any(o.startswith("trainer=") for o in overrides) else ["trainer=cpu"]
             cfg = compose(
                 config_name="config",
-                overrides=["profile=smoke", "logger=none", "trainer=cpu", *overrides],
+                overrides=["profile=smoke", "logger=none", *device, *overrides],
                 return_hydra_config=True,
             )
         HydraConfig().set_config(cfg)
