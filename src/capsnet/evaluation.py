@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from capsnet.builders import build_datamodule, data_info
+from capsnet.figures import write_run_figures
 from capsnet.module import CapsNetModule
 from capsnet.run_record import git_commit, write_metrics
 from capsnet.training import collect_test_metrics
@@ -65,5 +66,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "git_commit": git_commit(),
         "status": "completed",
     }
-    write_metrics(Path(cfg.paths.output_dir), record)
+    out_dir = Path(cfg.paths.output_dir)
+    if cfg.get("figures", True):
+        figures = write_run_figures(module.net, datamodule.sample_batches(), out_dir / "figures", module.task)
+        record["figures"] = [p.name for p in figures]
+    write_metrics(out_dir, record)
     return record

@@ -139,6 +139,8 @@ def to_markdown(table: dict[str, Any]) -> str:
     affine = affnist_rows(table)
     if affine:
         lines += ["", "## affNIST-style robustness — test error %", "",
+                  "The paper reports accuracy: CapsNet 99.23% → 79%, a CNN of similar size 99.22% → 66%;",
+                  "shown here as error %.", "",
                   "| model | expanded MNIST (ours) | (paper) | affine set (ours) | (paper) |", "|---|---|---|---|---|"]
         lines += ["| " + " | ".join(row) + " |" for row in affine]
     if table["failed"]:

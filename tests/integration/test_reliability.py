@@ -196,3 +196,19 @@ def test_bad_checkpoints_are_refused(tmp_path: Path, make_cfg) -> None:
     assert load_checkpoint(tmp_path / "good.ckpt", {"image_size": 28, "task": "single"}) is not None
     with pytest.raises(CheckpointError, match="image_size: checkpoint 28 vs data 36"):
         load_checkpoint(tmp_path / "good.ckpt", {"image_size": 36, "task": "multi"})
+
+
+def test_eval_cli_on_a_trained_checkpoint(tmp_path: Path, make_cfg, mnist_dir: Path) -> None:
+    cfg = make_cfg("trainer.limit_train_batches=1", "data.val_subset=32", "data.test_subset=32")
+    assert run(cfg)["status"] == "completed"
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
+    out = tmp_path / "eval"
+    result = run_cli("eval.py", f"ckpt_path={ckpt}", "data.test_subset=64", f"paths.data_dir={mnist_dir}",
+                     "trainer=cpu", f"hydra.run.dir={out}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["model"] == "capsnet" and 0 <= record["test_error"] <= 1
+    assert (out / "figures" / "reconstructions.png").is_file()
+    refused = run_cli("eval.py", f"ckpt_path={ckpt}", "data=multimnist", f"paths.data_dir={mnist_dir}",
+                      f"hydra.run.dir={tmp_path / 'refused'}")
+    assert refused.returncode == 2 and "trained for other inputs" in refused.stderr
