@@ -18,6 +18,8 @@ def main(cfg: DictConfig) -> float | None:
     except (ConfigError, DataError) as error:  # before any training: stop, even a sweep
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    summary = {k: record.get(k) for k in ("status", "val_error", "test_error", "affnist_error") if k in record}
+    print(f"{summary} -> {cfg.paths.output_dir}/metrics.json")
     if record.get("status") == "failed":
         print(f"run failed: {record.get('error')}", file=sys.stderr)
         if HydraConfig.get().mode.name == "RUN":
