@@ -24,11 +24,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# CapsNet r=3 + reconstruction on MNIST.  Without a GPU: profile=smoke (a few minutes);
-# with one: the paper's schedule.  Extra overrides: make train ARGS="routing.iters=1".
+# CapsNet r=3 + reconstruction on MNIST.  Without a GPU: profile=demo (3k digits, about a
+# minute); with one: the paper's schedule.  Extra overrides: make train ARGS="routing.iters=1".
 train: install
-	@profile=$$($(PY) -c "import torch; print('paper' if torch.cuda.is_available() else 'smoke')"); \
-	if [ "$$profile" = smoke ]; then echo "No GPU found: training with profile=smoke (tiny subset, minutes on a CPU). Pass ARGS=profile=paper to override."; fi; \
+	@profile=$$($(PY) -c "import torch; print('paper' if torch.cuda.is_available() else 'demo')"); \
+	if [ "$$profile" = demo ]; then echo "No GPU found: training with profile=demo (3,072 digits, one epoch, about a minute on a CPU; not the paper's schedule). Pass ARGS=profile=paper to override."; fi; \
 	$(PY) src/train.py profile=$$profile $(ARGS)
 
 test: install

@@ -8,7 +8,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
 METRICS_FILE = "metrics.json"
+RESOLVED_CONFIG_FILE = "config_resolved.yaml"
 
 
 def git_commit() -> str | None:
@@ -21,6 +24,21 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return result.stdout.strip() or None
+
+
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    """The run's config with every ${...} resolved, without Hydra's own node (present
+    only when a config is composed outside @hydra.main, as in tests)."""
+    own_keys = [key for key in cfg.keys() if key != "hydra"]
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, own_keys), resolve=True)  # type: ignore[return-value]
+
+
+def save_resolved_config(cfg: DictConfig, run_dir: Path) -> Path:
+    """Hydra's .hydra/config.yaml keeps the ${...}; this copy has the values."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / RESOLVED_CONFIG_FILE
+    OmegaConf.save(OmegaConf.create(resolved_config(cfg)), path)
+    return path
 
 
 def _clean(value: Any) -> Any:

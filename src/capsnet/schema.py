@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 MODELS = ("capsnet", "baseline")
 DATASETS = ("mnist", "affnist", "multimnist")
-PROFILES = ("smoke", "fast", "paper")
+PROFILES = ("smoke", "demo", "fast", "paper")
 
 
 class ConfigError(ValueError):

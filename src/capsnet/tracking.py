@@ -8,7 +8,9 @@ import os
 from typing import Any
 
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from capsnet.run_record import resolved_config
 
 
 def wandb_api_key_configured() -> bool:
@@ -33,8 +35,7 @@ def wandb_overrides(logger_cfg: DictConfig) -> dict[str, Any]:
 
 def log_resolved_config(logger: Logger, cfg: DictConfig) -> None:
     """Log the fully resolved config, so the dashboard shows values, not ${...}."""
-    own_keys = [key for key in cfg.keys() if key != "hydra"]  # the hydra node only in composed tests
-    logger.log_hyperparams(OmegaConf.to_container(OmegaConf.masked_copy(cfg, own_keys), resolve=True))  # type: ignore[arg-type]
+    logger.log_hyperparams(resolved_config(cfg))
 
 
 def finish_wandb(loggers: list[Logger]) -> None:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from capsnet.builders import build_datamodule, build_logger, build_module
 from capsnet.figures import write_run_figures
-from capsnet.run_record import git_commit, read_metrics, write_metrics
+from capsnet.run_record import git_commit, read_metrics, save_resolved_config, write_metrics
 from capsnet.schema import validate_config
 from capsnet.tracking import finish_wandb
 
@@ -110,6 +110,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return record
 
     started = time.time()
+    save_resolved_config(cfg, run_dir)
     ckpt_dir = run_dir / CHECKPOINT_DIR
     resume_from = ckpt_dir / LAST if cfg.resume and (ckpt_dir / LAST).is_file() else None
     record: dict[str, Any] = {**identity, "git_commit": git_commit(), "status": "running"}

@@ -52,3 +52,14 @@ def test_smoke_multirun_writes_four_metrics(tmp_path: Path, mnist_dir: Path) -> 
     assert cells == {(1, True), (1, False), (3, True), (3, False)}
     assert all(r["status"] == "completed" for r in records)
     assert all((p.parent / ".hydra" / "config.yaml").is_file() for p in sweep_dir.glob("*/metrics.json"))
+
+
+def test_run_dir_holds_the_resolved_config(make_cfg) -> None:
+    from omegaconf import OmegaConf
+
+    cfg = make_cfg("routing.iters=5", "trainer.limit_train_batches=1", "data.val_subset=16", "data.test_subset=16")
+    run(cfg)
+    resolved = OmegaConf.load(Path(cfg.paths.output_dir) / "config_resolved.yaml")
+    assert resolved.model.routing_iterations == 5  # was ${routing.iters}
+    assert resolved.paths.output_dir == cfg.paths.output_dir
+    assert "${" not in OmegaConf.to_yaml(resolved)
