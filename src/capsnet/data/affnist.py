@@ -41,6 +41,7 @@ class AffNIST:
         self.copies, self.seed, self.size = copies, seed, size
         self.max_rotation, self.max_shear = math.radians(max_rotation_deg), max_shear
         self.scale_range = tuple(scale_range)
+        self._device_cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def __len__(self) -> int:
         return len(self.images) * self.copies
@@ -73,8 +74,11 @@ class AffNIST:
     def batch(self, index: Tensor) -> tuple[Tensor, Tensor]:
         """Items ``index`` [B] at once, on ``index.device``."""
         device = index.device
-        digit = index % len(self.images)
-        canvas = center_on_canvas(to_float_images(self.images.to(device)[digit]), self.size)  # (B,1,S,S)
+        if device not in self._device_cache:  # the source digits move to a device once
+            self._device_cache[device] = (self.images.to(device), self.labels.to(device))
+        images, labels = self._device_cache[device]
+        digit = index % len(images)
+        canvas = center_on_canvas(to_float_images(images[digit]), self.size)  # (B,1,S,S)
         linear = self.linear_parts(index).to(device)  # float64, pixel units about the centre
         half = self.size / 2
         # Ink bounding box in centred pixel coordinates (pixel edges, not centres).
@@ -98,7 +102,7 @@ class AffNIST:
         theta = torch.cat([inverse, -(inverse @ (shift / half).unsqueeze(-1))], dim=2).float()
         grid = F.affine_grid(theta, list(canvas.shape), align_corners=False)
         out = F.grid_sample(canvas, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        return out.clamp(0.0, 1.0), self.labels.to(device)[digit]
+        return out.clamp(0.0, 1.0), labels[digit]
 
 
 def load_affnist_mat(path: str | Path) -> tuple[Tensor, Tensor]:
