@@ -52,6 +52,14 @@ def test_unknown_group_option_lists_the_choices(override: str, needle: str, tmp_
     assert not run_dir.exists()
 
 
+def test_misspelt_key_is_rejected_at_compose_time(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_cli("train.py", "rooting.iters=3", f"hydra.run.dir={run_dir}")
+    assert result.returncode != 0
+    assert "Could not override 'rooting.iters'" in result.stderr and "Key 'rooting' is not in struct" in result.stderr
+    assert not run_dir.exists()
+
+
 def _copy_mnist(src: Path, dst: Path) -> Path:
     raw = dst / "MNIST" / "raw"
     raw.mkdir(parents=True)
