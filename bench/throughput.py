@@ -27,9 +27,10 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from capsnet.losses import margin_loss, reconstruction_loss  # noqa: E402
-from capsnet.models import CapsNet  # noqa: E402
-from plain_capsnet import PlainCapsNet, copy_weights  # noqa: E402
+from plain_capsnet import PlainCapsNet, copy_weights
+
+from capsnet.losses import margin_loss, reconstruction_loss
+from capsnet.models import CapsNet
 
 
 # --------------------------------------------------------------------------------------
@@ -97,7 +98,7 @@ def build_variant(name: str, iterations: int, device: torch.device) -> tuple[nn.
     if "channels_last" in name:
         model = model.to(memory_format=torch.channels_last)
     if "bf16" in name:
-        def autocast() -> torch.autocast:  # noqa: F811
+        def autocast() -> torch.autocast:
             return torch.autocast(device.type, dtype=torch.bfloat16)
     if "compile" in name:  # as perf.compile does: each sub-network, state-dict keys unchanged
         for child in model.children():
@@ -116,6 +117,37 @@ def loss_of(lengths: Tensor, recon: Tensor, x: Tensor, y: Tensor) -> Tensor:
     return margin_loss(lengths.float(), y) + reconstruction_loss(recon, x)
 
 
+def measure_variant(
+    variant: str, iterations: int, reference: CapsNet, x: Tensor, y: Tensor, device: torch.device,
+    args: argparse.Namespace,
+) -> dict[str, float]:
+    """Images/s for training and inference, peak memory and the first loss of one variant."""
+    model, forward, autocast = build_variant(variant, iterations, device)
+    if variant == "plain":
+        copy_weights(reference, model)
+    else:
+        model.load_state_dict(reference.state_dict())
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with autocast():
+        first_loss = loss_of(*forward(x, y), x, y).item()
+
+    def train_step() -> None:
+        with autocast():
+            loss = loss_of(*forward(x, y), x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def infer_step() -> None:
+        with torch.inference_mode(), autocast():
+            forward(x)
+
+    with PeakMemory(device) as memory:
+        train_s = median_seconds(train_step, device, args.warmup, args.repeats)
+    infer_s = median_seconds(infer_step, device, args.warmup, args.repeats)
+    return {"train": args.batch / train_s, "infer": args.batch / infer_s, "peak": memory.peak, "first_loss": first_loss}
+
+
 def bench(args: argparse.Namespace) -> None:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -131,38 +163,15 @@ def bench(args: argparse.Namespace) -> None:
         reference = CapsNet(routing_iterations=iterations)
         plain_rate: dict[str, float] = {}
         for variant in ["plain", *args.variants]:
-            model, forward, autocast = build_variant(variant, iterations, device)
+            result = measure_variant(variant, iterations, reference, x, y, device, args)
             if variant == "plain":
-                copy_weights(reference, model)
-            else:
-                model.load_state_dict(reference.state_dict())
-            optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-            with autocast():
-                first_loss = loss_of(*forward(x, y), x, y).item()
-
-            def train_step() -> None:
-                with autocast():
-                    loss = loss_of(*forward(x, y), x, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-
-            def infer_step() -> None:
-                with torch.inference_mode(), autocast():
-                    forward(x)
-
-            with PeakMemory(device) as memory:
-                train_s = median_seconds(train_step, device, args.warmup, args.repeats)
-            infer_s = median_seconds(infer_step, device, args.warmup, args.repeats)
-            train_rate, infer_rate = args.batch / train_s, args.batch / infer_s
-            if variant == "plain":
-                plain_rate = {"train": train_rate, "infer": infer_rate}
+                plain_rate = {"train": result["train"], "infer": result["infer"]}
             print(
-                f"{iterations:>2} {variant:<22} {train_rate:>12.1f} {train_rate / plain_rate['train']:>7.2f}x "
-                f"{infer_rate:>12.1f} {infer_rate / plain_rate['infer']:>7.2f}x {memory.peak / 2**20:>9.0f} {first_loss:>11.6f}",
+                f"{iterations:>2} {variant:<22} {result['train']:>12.1f} {result['train'] / plain_rate['train']:>7.2f}x "
+                f"{result['infer']:>12.1f} {result['infer'] / plain_rate['infer']:>7.2f}x "
+                f"{result['peak'] / 2**20:>9.0f} {result['first_loss']:>11.6f}",
                 flush=True,
             )
-            del model, optimizer
 
 
 def main() -> None:

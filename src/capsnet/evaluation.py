@@ -41,7 +41,9 @@ def load_checkpoint(path: str | Path, expected_data: dict[str, Any]) -> CapsNetM
             f"ckpt_path: {path} was trained for other inputs than this data config ({described}); "
             f"pick a data= config with the same image size and task"
         )
-    return CapsNetModule.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+    module = CapsNetModule(**params)  # the file is read once: build from its own hyper-parameters
+    module.load_state_dict(raw["state_dict"])
+    return module
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:

@@ -6,6 +6,7 @@ Each figure function returns a tensor image (so tests can check its shape) and t
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import torch
@@ -60,7 +61,7 @@ def routing_convergence(net: CapsNet, images: Tensor, max_iterations: int = 10) 
     """
     u_hat = net.digit_caps.predictions(net.primary_caps(net.conv1(images)))
     couplings = [dynamic_routing(u_hat, r, bias=net.digit_caps.bias)[1] for r in range(1, max_iterations + 1)]
-    return torch.stack([(b - a).abs().mean() for a, b in zip(couplings, couplings[1:])])
+    return torch.stack([(b - a).abs().mean() for a, b in itertools.pairwise(couplings)])
 
 
 def overlay_reconstructions(images: Tensor, first: Tensor, second: Tensor) -> Tensor:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
 from torch import Tensor, nn
 
 from capsnet.layers import Decoder, DigitCaps, PrimaryCaps

@@ -29,7 +29,7 @@ def git_commit() -> str | None:
 def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     """The run's config with every ${...} resolved, without Hydra's own node (present
     only when a config is composed outside @hydra.main, as in tests)."""
-    own_keys = [key for key in cfg.keys() if key != "hydra"]
+    own_keys = [key for key in cfg if key != "hydra"]
     return OmegaConf.to_container(OmegaConf.masked_copy(cfg, own_keys), resolve=True)  # type: ignore[return-value]
 
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_cli
 
-from capsnet.data.mnist import DataError, MNIST_SHA256, verify_mnist
+from capsnet.data.mnist import MNIST_SHA256, DataError, verify_mnist
 from capsnet.evaluation import CheckpointError, load_checkpoint
 from capsnet.module import CapsNetModule
 from capsnet.training import run
+from conftest import ROOT, run_cli
 
 BAD_VALUES = [
     ("routing.iters=0", "routing.iters"),

@@ -8,13 +8,13 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from conftest import ROOT
 
 from capsnet.losses import margin_loss, reconstruction_loss
 from capsnet.module import CapsNetModule
+from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
-from plain_capsnet import PlainCapsNet, copy_weights  # noqa: E402
+from plain_capsnet import PlainCapsNet, copy_weights
 
 LOSS = {"m_pos": 0.9, "m_neg": 0.1, "lam": 0.5, "recon_weight": 0.0005, "official_scaling": False,
         "mask_with_label_at_test": False}

@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import CONF, run_cli
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from capsnet.table import build_table, load_records, to_markdown
 from capsnet.training import run
+from conftest import CONF, run_cli
 
 TINY = ["trainer.limit_train_batches=1", "data.batch_size=8", "data.val_subset=16", "data.test_subset=16", "figures=false"]
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import run_cli
-
 from capsnet.training import run
+from conftest import run_cli
 
 
 def test_capsnet_learns_on_real_mnist(make_cfg) -> None:

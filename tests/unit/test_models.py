@@ -45,7 +45,7 @@ def test_capsnet_shapes(size: int, primary: int) -> None:
     assert out.lengths.shape == (2, 10)
     assert out.poses.shape == (2, 10, 16)
     assert out.reconstructions.shape == (2, 1, size, size)
-    poses, coupling = net.encode(x)
+    _, coupling = net.encode(x)
     assert coupling.shape == (2, primary, 10)
     assert ((out.lengths >= 0) & (out.lengths < 1)).all()
 

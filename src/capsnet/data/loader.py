@@ -49,7 +49,7 @@ class TensorBatches:
         self.num_examples = len(tensors[0]) // world_size if world_size > 1 else len(tensors[0])
 
     def __len__(self) -> int:
-        return -(-self.num_examples // self.batch_size)
+        return (self.num_examples + self.batch_size - 1) // self.batch_size
 
     def order(self, epoch: int) -> Tensor:
         """The example order of ``epoch`` for this rank."""

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from capsnet.data.mnist import MNISTDataModule, load_mnist, split_train_val
 from capsnet.data.loader import TensorBatches
+from capsnet.data.mnist import MNISTDataModule
 from capsnet.data.transforms import center_on_canvas, hash_int, to_float_images, translate
 
 
@@ -165,4 +165,4 @@ def measure_overlap(dataset: MultiMNIST, count: int) -> dict[str, float]:
     return {"intersection_over_smaller": float((inter / smaller).mean()), "iou": float((inter / union).mean())}
 
 
-__all__ = ["MultiMNIST", "MultiMNISTDataModule", "load_mnist", "measure_overlap", "split_train_val"]
+__all__ = ["MultiMNIST", "MultiMNISTDataModule", "measure_overlap"]
