@@ -162,10 +162,14 @@ class CapsNetModule(L.LightningModule):
         errors.update(top_k_error(scores.detach(), labels))
         on_step = stage == "train"
         # add_dataloader_idx=False: the dataset's own test split keeps its plain key even
-        # when extra test sets (affNIST) are evaluated beside it.
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=on_step, add_dataloader_idx=False)
+        # when extra test sets (affNIST) are evaluated beside it.  Eval losses are averaged
+        # over DDP ranks (once per epoch); the training loss is not, to avoid a sync per step.
+        sync = stage != "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=on_step,
+                 add_dataloader_idx=False, sync_dist=sync)
         for name, value in loss_parts.items():
-            self.log(f"{stage}/{name}_loss", value, on_step=False, on_epoch=True, add_dataloader_idx=False)
+            self.log(f"{stage}/{name}_loss", value, on_step=False, on_epoch=True, add_dataloader_idx=False,
+                     sync_dist=sync)
         self.log(f"{stage}/error", errors, on_step=False, on_epoch=True, prog_bar=stage != "test",
                  add_dataloader_idx=False)
         if stage == "train":

@@ -133,7 +133,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         best_path = best.best_model_path or str(ckpt_dir / LAST)
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)
         record.update(collect_test_metrics(results, cfg.data.name))
-        if cfg.figures:
+        if cfg.figures and trainer.is_global_zero:
             record["figures"] = [p.name for p in _write_figures(module, datamodule, run_dir, trainer)]
         record.update(
             status="completed",
@@ -149,7 +149,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         record["wall_time_s"] = round(time.time() - started, 2)
         if trainer is not None:
             finish_wandb(trainer.loggers)
-        write_metrics(run_dir, record)
+        if trainer is None or trainer.is_global_zero:  # under DDP, one writer
+            write_metrics(run_dir, record)
     return record
 
 

@@ -122,3 +122,14 @@ def test_table_logged_to_wandb_offline(monkeypatch, tmp_path: Path) -> None:
     main([str(tmp_path / "runs"), "--out", str(tmp_path / "results"), "--wandb"])
     (run_file,) = (tmp_path / "results" / "wandb").glob("offline-run-*/run-*.wandb")
     assert b"table1" in run_file.read_bytes()
+
+
+def test_ddp_trainer_runs_on_two_cpu_processes(tmp_path: Path, mnist_dir: Path) -> None:
+    """trainer=ddp with gloo on the CPU: both ranks train their own shard, rank 0 records."""
+    run_dir = tmp_path / "ddp"
+    result = run_cli("train.py", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "profile=smoke",
+                     "logger=none", *TINY, f"paths.data_dir={mnist_dir}", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((run_dir / "metrics.json").read_text())
+    assert record["status"] == "completed" and record["steps"] == 1
+    assert (run_dir / "train_ddp_process_1.log").is_file()  # the second rank really ran
