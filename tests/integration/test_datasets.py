@@ -121,3 +121,18 @@ def test_real_affnist_mat_layout_is_read(tmp_path: Path) -> None:
     assert loaded.shape == (3, 1, 40, 40)
     np.testing.assert_allclose(loaded[:, 0].numpy() * 255, images.astype(np.float32), atol=1e-3)
     assert labels.tolist() == [4, 0, 9]
+
+
+def test_affnist_validation_digits_are_placed_like_the_expanded_test(mnist_dir: Path) -> None:
+    from capsnet.data.affnist import AffNISTDataModule
+
+    datamodule = AffNISTDataModule(data_dir=str(mnist_dir), val_subset=64, test_subset=64, train_subset=64)
+    datamodule.setup()
+    batch = next(iter(datamodule.val_dataloader()))
+    placed, labels = datamodule.on_after_batch_transfer(batch, 0)
+    again, _ = datamodule.on_after_batch_transfer(batch, 0)
+    assert torch.equal(placed, again) and placed.shape == (64, 1, 40, 40)
+    centred = datamodule.place(batch[0])
+    moved = (placed != centred).flatten(1).any(dim=1).float().mean()
+    assert moved > 0.8  # almost every digit is off-centre (a zero shift has probability 1/169)
+    torch.testing.assert_close(placed.sum(dim=(1, 2, 3)), centred.sum(dim=(1, 2, 3)))  # ±6 px keeps all ink

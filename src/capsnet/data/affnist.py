@@ -20,7 +20,7 @@ from capsnet.data.loader import TensorBatches
 from capsnet.data.mnist import DataError, MNISTDataModule
 from capsnet.data.transforms import center_on_canvas, hash_uniform, random_shift, to_float_images
 
-TEST_PLACEMENT = 2**32 - 1  # a key no training epoch reaches: test positions never match training shifts
+TEST_PLACEMENT = 2**32 - 1  # a key no training epoch reaches: eval positions never match training shifts
 
 
 class AffNIST:
@@ -169,13 +169,13 @@ class AffNISTDataModule(MNISTDataModule):
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, ...], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         trainer = self.trainer
-        testing = trainer is not None and trainer.testing
-        if testing and dataloader_idx == 1:
+        if trainer is not None and trainer.training:
+            return super().on_after_batch_transfer(batch, dataloader_idx)
+        if trainer is not None and trainer.testing and dataloader_idx == 1:
             if self.real_affnist is not None:
                 return batch[0], batch[1]
             return self.affnist.batch(batch[0])
-        if testing:  # expanded-MNIST test digits at fixed random positions
-            images, labels, idx = batch
-            return random_shift(self.place(images), self.max_shift, self.affnist_seed, TEST_PLACEMENT, idx), labels
-        return super().on_after_batch_transfer(batch, dataloader_idx)
-
+        # Validation and expanded-MNIST test digits: seeded random positions, so model
+        # selection sees the same kind of input as the expanded test set.
+        images, labels, idx = batch
+        return random_shift(self.place(images), self.max_shift, self.affnist_seed, TEST_PLACEMENT, idx), labels
