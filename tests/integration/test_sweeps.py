@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,16 @@ def _compose(*overrides: str):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+
+
+def _wait_for_bytes(path: Path, needles: tuple[bytes, ...], timeout: float = 60.0) -> bytes:
+    """W&B's service process writes the .wandb log asynchronously: wait until it is flushed."""
+    deadline = time.time() + timeout
+    while True:
+        content = path.read_bytes()
+        if all(needle in content for needle in needles) or time.time() > deadline:
+            return content
+        time.sleep(0.5)
 
 
 def test_table1_declares_the_whole_grid() -> None:
@@ -87,7 +98,7 @@ def test_wandb_offline_writes_local_run_files(make_cfg, monkeypatch, tmp_path: P
     assert record["status"] == "completed", record
     run_files = list((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(run_files) == 1 and run_files[0].stat().st_size > 0
-    logged = run_files[0].read_bytes()
+    logged = _wait_for_bytes(run_files[0], (b"routing", b"val/error"))
     assert b"routing" in logged and b"val/error" in logged  # resolved config and metrics
     images = list(run_files[0].parent.glob("files/media/images/*.png"))
     figures = list((Path(cfg.paths.output_dir) / "figures").glob("*.png"))
@@ -121,7 +132,7 @@ def test_table_logged_to_wandb_offline(monkeypatch, tmp_path: Path) -> None:
         "profile": "smoke", "status": "completed", "test_error": 0.5}))
     main([str(tmp_path / "runs"), "--out", str(tmp_path / "results"), "--wandb"])
     (run_file,) = (tmp_path / "results" / "wandb").glob("offline-run-*/run-*.wandb")
-    assert b"table1" in run_file.read_bytes()
+    assert b"table1" in _wait_for_bytes(run_file, (b"table1",))
 
 
 def test_ddp_trainer_runs_on_two_cpu_processes(tmp_path: Path, mnist_dir: Path) -> None:
