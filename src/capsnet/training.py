@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
@@ -54,9 +56,6 @@ def gpu_slot(trainer_kwargs: dict[str, Any]) -> dict[str, Any]:
     Parallel sweep jobs would otherwise all land on GPU 0.  Setting trainer.devices (not
     CUDA_VISIBLE_DEVICES, which a reused worker process has already read) does the pinning.
     """
-    import torch
-    from hydra.core.hydra_config import HydraConfig
-
     if not HydraConfig.initialized() or trainer_kwargs.get("accelerator") == "cpu":
         return {}
     hydra_cfg = HydraConfig.get()

@@ -160,10 +160,14 @@ class AffNISTDataModule(MNISTDataModule):
             return [expanded, self._eval_loader(self.real_affnist)]
         return [expanded, self._eval_loader((torch.arange(len(self.affnist)),))]
 
+    def place_for_eval(self, images: Tensor, idx: Tensor) -> Tensor:
+        """Expanded-MNIST eval digits: each at a seeded random position, fixed for every run."""
+        return random_shift(self.place(images), self.max_shift, self.affnist_seed, TEST_PLACEMENT, idx)
+
     def sample_batches(self, count: int = 32) -> dict[str, tuple[Tensor, ...]]:
         """Small CPU batches for figures: expanded-MNIST test digits and the affine set."""
         idx = torch.arange(count)
-        expanded = random_shift(self.place(self.test_set[0][:count]), self.max_shift, self.affnist_seed, TEST_PLACEMENT, idx)
+        expanded = self.place_for_eval(self.test_set[0][:count], idx)
         affine = self.real_affnist if self.real_affnist is not None else self.affnist.batch(idx)
         return {"expanded": (expanded, self.test_set[1][:count]), "affnist": (affine[0][:count], affine[1][:count])}
 
@@ -178,4 +182,4 @@ class AffNISTDataModule(MNISTDataModule):
         # Validation and expanded-MNIST test digits: seeded random positions, so model
         # selection sees the same kind of input as the expanded test set.
         images, labels, idx = batch
-        return random_shift(self.place(images), self.max_shift, self.affnist_seed, TEST_PLACEMENT, idx), labels
+        return self.place_for_eval(images, idx), labels
