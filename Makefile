@@ -7,10 +7,12 @@ CAPSNET_DATA_DIR ?= $(or $(patsubst %/MNIST/raw,%,$(firstword $(wildcard data/MN
 export CAPSNET_DATA_DIR
 ARGS ?=
 # reproduce-table: PROFILE=smoke|fast|paper (default: fast with a GPU, smoke without);
-# EXPERIMENTS adds affnist on request; LAUNCHER=joblib_gpu or slurm for many GPUs.
+# EXPERIMENTS adds affnist on request; LAUNCHER=ray_gpus (many GPUs, one machine or a Ray cluster)
+# or slurm (a SLURM cluster); JOBS_PER_GPU=2 runs two jobs at once on each GPU under ray_gpus.
 PROFILE ?= $(shell $(PY) -c "import torch; print('fast' if torch.cuda.is_available() else 'smoke')" 2>/dev/null || echo smoke)
 EXPERIMENTS ?= table1 multimnist
 LAUNCHER ?=
+JOBS_PER_GPU ?= 1
 WANDB ?=
 
 .PHONY: install train test test-slow test-gpu bench reproduce-table clean
@@ -38,7 +40,7 @@ test-slow: install
 	$(PY) -m pytest -q -m slow
 
 test-gpu: install
-	$(PY) -m pytest -q -m gpu
+	$(PY) -m pytest -q -m gpu -rP
 
 bench: install
 	$(PY) bench/throughput.py $(ARGS)
@@ -48,7 +50,8 @@ reproduce-table: install
 	@echo "reproduce-table: profile=$(PROFILE), experiments: $(EXPERIMENTS)"
 	@for experiment in $(EXPERIMENTS); do \
 	  $(PY) src/train.py -m experiment=$$experiment profile=$(PROFILE) \
-	    $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) $(if $(WANDB),logger=wandb) $(ARGS) || exit 1; \
+	    $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) $(if $(filter ray_gpus,$(LAUNCHER)),hydra.launcher.jobs_per_gpu=$(JOBS_PER_GPU)) \
+	    $(if $(WANDB),logger=wandb) $(ARGS) || exit 1; \
 	done
 	$(PY) -m capsnet.table $(addprefix multirun/,$(EXPERIMENTS)) --out results --profile $(PROFILE) $(if $(WANDB),--wandb)
 

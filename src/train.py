@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 
 from capsnet.data.mnist import DataError
 from capsnet.schema import ConfigError
+from capsnet.signature import ResumeMismatchError
 from capsnet.training import run
 
 
@@ -15,7 +16,7 @@ from capsnet.training import run
 def main(cfg: DictConfig) -> float | None:
     try:
         record = run(cfg)
-    except (ConfigError, DataError) as error:  # before any training: stop, even a sweep
+    except (ConfigError, DataError, ResumeMismatchError) as error:  # before any training: stop, even a sweep
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     summary = {k: record.get(k) for k in ("status", "val_error", "test_error", "affnist_error") if k in record}

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from capsnet.data.mnist import MNISTDataModule
 from capsnet.module import CapsNetModule
-from capsnet.tracking import is_wandb, log_resolved_config, wandb_overrides
+from capsnet.tracking import is_wandb, wandb_overrides
 
 
 def _container(node: DictConfig) -> dict[str, Any]:
@@ -22,6 +22,7 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     """The DataModule named by ``data.name``, reading from ``paths.data_dir``."""
     data = _container(cfg.data)
     name = data.pop("name")
+    data.pop("lr_decay_steps", None)  # the dataset's schedule: read through optim.decay_steps
     common = {"data_dir": str(cfg.paths.data_dir), "seed": int(cfg.seed)}
     if name == "mnist":
         return MNISTDataModule(**common, **data)
@@ -54,15 +55,14 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> CapsNetM
         optim=_container(cfg.optim),
         nan_check_every=int(cfg.nan_check_every),
         channels_last=bool(cfg.perf.channels_last),
-        compile=bool(cfg.perf.compile),
+        compile=cfg.perf.compile,
     )
 
 
 def build_logger(cfg: DictConfig) -> Logger | bool:
-    """The configured experiment logger (with the resolved config logged), or False."""
+    """The configured experiment logger, or False.  (capsnet.training logs the resolved
+    config to it once the run is known to go ahead.)"""
     if not cfg.get("logger") or "_target_" not in cfg.logger:
         return False
     extra = wandb_overrides(cfg.logger) if is_wandb(cfg.logger) else {}
-    logger = instantiate(cfg.logger, **extra)
-    log_resolved_config(logger, cfg)
-    return logger
+    return instantiate(cfg.logger, **extra)

@@ -68,16 +68,17 @@ class DigitCaps(nn.Module):
         self.weight = nn.Parameter(torch.randn(in_capsules, in_dim, out_capsules * out_dim) * weight_std)
         self.bias = nn.Parameter(torch.zeros(out_capsules, out_dim)) if bias else None
 
-    def predictions(self, u: Tensor) -> Tensor:
-        """Prediction vectors û_{j|i} = W_ij u_i.
+    def predictions(self, u: Tensor, weight: Tensor | None = None) -> Tensor:
+        """Prediction vectors û_{j|i} = W_ij u_i (``weight`` defaults to W itself).
 
         Shapes: u [B, I, in_dim] -> u_hat [B, I, J, out_dim] (a view of a parent-major tensor).
         """
+        weight = self.weight if weight is None else weight
         batch = u.shape[0]
         assert u.shape[1:] == (self.in_capsules, self.in_dim), (
             f"expected {self.in_capsules} capsules of {self.in_dim}D, got {tuple(u.shape[1:])}"
         )
-        u_hat = torch.bmm(u.transpose(0, 1), self.weight)  # (I, B, J*D)
+        u_hat = torch.bmm(u.transpose(0, 1), weight)  # (I, B, J*D)
         u_hat = u_hat.view(self.in_capsules, batch, self.out_capsules, self.out_dim)
         u_pm = u_hat.permute(1, 2, 0, 3).contiguous()  # (B, J, I, D)
         return u_pm.transpose(1, 2)  # (B, I, J, D) view
@@ -85,14 +86,17 @@ class DigitCaps(nn.Module):
     def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """Shapes: u [B, I, in_dim] -> (v [B, J, out_dim], c [B, I, J]).
 
-        Under mixed precision the routing still runs in float32: its softmax of summed
-        agreements is the precision-sensitive part, and a small share of the time.
+        Under mixed precision (autocast) the routing still runs in float32: its softmax of
+        summed agreements is the precision-sensitive part, and a small share of the time.
+        Under a pure precision (bf16-true, 16-true, float64) it runs in the module's own dtype.
         """
-        with torch.autocast(device_type=u.device.type, enabled=False):
+        device_type = u.device.type
+        dtype = torch.float32 if torch.is_autocast_enabled(device_type) else self.weight.dtype
+        with torch.autocast(device_type=device_type, enabled=False):
             return dynamic_routing(
-                self.predictions(u.float()),
+                self.predictions(u.to(dtype), self.weight.to(dtype)),
                 self.routing_iterations,
-                bias=self.bias,
+                bias=None if self.bias is None else self.bias.to(dtype),
                 detach_agreement=self.detach_agreement,
             )
 

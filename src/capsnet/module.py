@@ -16,6 +16,7 @@ from capsnet.models import BaselineCNN, CapsNet, MultiMNISTBaselineCNN
 from capsnet.routing import capsule_lengths
 
 TASKS = ("single", "multi")
+RUN_SIGNATURE_KEY = "capsnet_run_signature"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -48,6 +49,12 @@ def build_model(model: dict[str, Any], *, image_size: int, in_channels: int, num
     raise ValueError(f"model.name: unknown model {name!r}; choose one of capsnet, baseline")
 
 
+def error_metric() -> torchmetrics.MeanMetric:
+    """Mean of per-example 0/1 errors.  Errors are never NaN, so the NaN check is off: its
+    ``bool(nans.any())`` would otherwise stall the GPU at every update."""
+    return torchmetrics.MeanMetric(nan_strategy="disable")
+
+
 def top_k_error(scores: Tensor, labels: Tensor) -> Tensor:
     """Per-example 0/1 error.  Labels [B]: argmax must match.  Labels [B, k]: the k
     highest scores must equal the labels as a set (MultiMNIST scoring).
@@ -74,7 +81,8 @@ class CapsNetModule(L.LightningModule):
             larger avoids a host sync per step on a GPU).
         channels_last: run the convolutions in NHWC memory layout.
         compile: ``torch.compile`` each sub-network (state-dict keys stay unchanged, so
-            checkpoints load either way).
+            checkpoints load either way): False, True (the default mode) or a mode name,
+            e.g. "reduce-overhead" (CUDA graphs) or "max-autotune".
     """
 
     def __init__(
@@ -85,7 +93,7 @@ class CapsNetModule(L.LightningModule):
         optim: dict[str, Any],
         nan_check_every: int = 1,
         channels_last: bool = False,
-        compile: bool = False,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -99,8 +107,11 @@ class CapsNetModule(L.LightningModule):
         self.loss_cfg, self.optim_cfg = loss, optim
         self.nan_check_every = nan_check_every
         self.channels_last, self.compile_net = channels_last, compile
-        self.errors = nn.ModuleDict({f"{stage}_error": torchmetrics.MeanMetric() for stage in ("train", "val", "test")})
+        self.errors = nn.ModuleDict({f"{stage}_error": error_metric() for stage in ("train", "val", "test")})
+        # Examples evaluated, summed over DDP ranks: proof that each counts exactly once.
+        self.examples = nn.ModuleDict({stage: torchmetrics.SumMetric(nan_strategy="disable") for stage in ("val", "test")})
         self.extra_errors = nn.ModuleDict()  # extra test sets, e.g. affNIST
+        self.run_signature: dict[str, Any] | None = None  # set by capsnet.training, saved in checkpoints
 
     def forward(self, x: Tensor) -> Tensor:
         """Class scores: capsule lengths for CapsNet, logits for the CNNs."""
@@ -112,10 +123,15 @@ class CapsNetModule(L.LightningModule):
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
         if self.compile_net:
+            mode = self.compile_net if isinstance(self.compile_net, str) else None
             for child in self.net.children():
-                child.compile()
+                child.compile(mode=mode)
 
     def _layout(self, images: Tensor) -> Tensor:
+        """Images as the network takes them: in its own dtype (under bf16-true, 16-true or
+        float64 the data module's float32 images follow the weights; a no-op otherwise),
+        and NHWC when ``channels_last`` is on."""
+        images = images.to(self.dtype)
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
     # ---- losses -------------------------------------------------------------------------
@@ -164,9 +180,14 @@ class CapsNetModule(L.LightningModule):
         # add_dataloader_idx=False: the dataset's own test split keeps its plain key even
         # when extra test sets (affNIST) are evaluated beside it.  Eval losses are averaged
         # over DDP ranks (once per epoch); the training loss is not, to avoid a sync per step.
+        # The step loss stays out of the progress bar: the bar would read it (.item(), a GPU
+        # sync) at every refresh; loggers read it only every log_every_n_steps.
         sync = stage != "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=on_step,
-                 add_dataloader_idx=False, sync_dist=sync)
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, add_dataloader_idx=False, sync_dist=sync)
+        if stage in self.examples:
+            self.examples[stage].update(torch.ones(labels.shape[0], device=labels.device))
+            self.log(f"{stage}/examples", self.examples[stage], on_step=False, on_epoch=True,
+                     add_dataloader_idx=False)
         for name, value in loss_parts.items():
             self.log(f"{stage}/{name}_loss", value, on_step=False, on_epoch=True, add_dataloader_idx=False,
                      sync_dist=sync)
@@ -199,7 +220,7 @@ class CapsNetModule(L.LightningModule):
             return
         name = names[dataloader_idx]
         if name not in self.extra_errors:
-            self.extra_errors[name] = torchmetrics.MeanMetric().to(self.device)
+            self.extra_errors[name] = error_metric().to(self.device)
         metric = self.extra_errors[name]
         metric.update(top_k_error(self(batch[0]).detach(), batch[1]))
         self.log(
@@ -211,6 +232,11 @@ class CapsNetModule(L.LightningModule):
         """Names of the datamodule's test loaders; the first is the dataset's own test split."""
         datamodule = getattr(self.trainer, "datamodule", None)
         return list(getattr(datamodule, "test_set_names", ["test"]))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep what determined the run with its weights, so a resume can be checked."""
+        if self.run_signature is not None:
+            checkpoint[RUN_SIGNATURE_KEY] = self.run_signature
 
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.optim_cfg

@@ -21,13 +21,19 @@ def squash(s: Tensor, dim: int = -1, eps: float = SQUASH_EPS) -> Tensor:
         s: [..., D] (capsule dimension at ``dim``) -> same shape.
     """
     norm_sq = s.pow(2).sum(dim=dim, keepdim=True)
-    scale = norm_sq / (1.0 + norm_sq) / torch.sqrt(norm_sq + eps)
+    scale = norm_sq / (1.0 + norm_sq) / torch.sqrt(norm_sq + _representable(eps, s.dtype))
     return scale * s
 
 
 def capsule_lengths(v: Tensor, dim: int = -1, eps: float = SQUASH_EPS) -> Tensor:
     """Length of each capsule (the class probability in the paper), safe at zero."""
-    return torch.sqrt(v.pow(2).sum(dim=dim) + eps)
+    return torch.sqrt(v.pow(2).sum(dim=dim) + _representable(eps, v.dtype))
+
+
+def _representable(eps: float, dtype: torch.dtype) -> float:
+    """``eps``, raised to the smallest normal number of ``dtype`` where it would round to 0
+    (1e-8 is 0 in float16, which would bring back the NaN gradient at s = 0)."""
+    return max(eps, torch.finfo(dtype).tiny) if dtype.is_floating_point else eps
 
 
 def dynamic_routing(

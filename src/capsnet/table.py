@@ -3,6 +3,11 @@
 Reads only ``metrics.json`` files: ``python -m capsnet.table multirun/table1 --out results``.
 Errors are fractions in the files and percentages in the table; each cell is the mean ±
 sample standard deviation over seeds, with the number of seeds.
+
+A cell holds one configuration: runs are grouped by their whole recorded signature except
+the seed (capsnet.signature), so two sweeps with another ``optim.lr`` or precision in one
+tree appear as separate rows, labelled with what differs, and are never averaged together.
+A seed that appears twice in a cell is counted once and flagged.
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ import csv
 import json
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from capsnet.signature import configuration
 
 # Table 1 of Sabour et al. (2017), test error % (mean ± std over 3 trials where given).
 PAPER_MNIST: dict[tuple[str, int | None, bool | None], str] = {
@@ -34,22 +41,35 @@ PAPER_AFFNIST: dict[str, tuple[str, str]] = {"capsnet": ("0.77", "21"), "baselin
 
 ROUTING_GRID = (1, 3, 5, 7, 10)
 Row = tuple[str, int | None, bool | None]
+# A table row: the paper's row, and which configuration ("" when only one was run).
+TableRow = tuple[str, int | None, bool | None, str]
+# Which record fields fill which column, per dataset.
+COLUMNS = {"mnist": {"mnist": "test_error"}, "multimnist": {"multimnist": "multimnist_error"},
+           "affnist": {"affnist_expanded": "test_error", "affnist": "affnist_error"}}
 
 
 @dataclass
 class Cell:
-    """Errors (fractions) of one table cell, one per seed."""
+    """Errors (fractions) of one table cell, one per seed, with the seeds seen twice."""
 
     values: list[float]
+    duplicate_seeds: list[int] = field(default_factory=list)
+
+    def stats(self) -> tuple[float | None, float | None, int]:
+        """Mean and sample std in percent, and n."""
+        if not self.values:
+            return None, None, 0
+        std = 100 * statistics.stdev(self.values) if len(self.values) > 1 else None
+        return 100 * statistics.fmean(self.values), std, len(self.values)
 
     def format(self) -> str:
-        if not self.values:
+        mean, std, n = self.stats()
+        if mean is None:
             return ""
-        mean = 100 * statistics.fmean(self.values)
-        if len(self.values) == 1:
-            return f"{mean:.2f} (n=1)"
-        std = 100 * statistics.stdev(self.values)
-        return f"{mean:.2f} ± {std:.2f} (n={len(self.values)})"
+        text = f"{mean:.2f} (n=1)" if std is None else f"{mean:.2f} ± {std:.2f} (n={n})"
+        if self.duplicate_seeds:
+            text += " ⚠ seed " + ", ".join(str(s) for s in self.duplicate_seeds) + " twice"
+        return text
 
 
 def load_records(roots: list[Path]) -> list[dict[str, Any]]:
@@ -72,35 +92,81 @@ def row_key(record: dict[str, Any]) -> Row:
     return ("capsnet", record.get("routing_iters"), record.get("recon"))
 
 
-def row_label(row: Row) -> tuple[str, str, str]:
-    model, iters, recon = row
+def row_label(row: Row | TableRow) -> tuple[str, str, str]:
+    model, iters, recon = row[:3]
+    variant = f" ({row[3]})" if len(row) > 3 and row[3] else ""
     if model == "baseline":
-        return ("Baseline CNN", "–", "–")
-    return ("CapsNet", str(iters), "yes" if recon else "no")
+        return (f"Baseline CNN{variant}", "–", "–")
+    return (f"CapsNet{variant}", str(iters), "yes" if recon else "no")
+
+
+def config_key(record: dict[str, Any]) -> str:
+    """The record's configuration (its signature without seed and world size)."""
+    signature = record.get("signature")
+    return json.dumps(configuration(signature), sort_keys=True, default=str) if signature else "not recorded"
+
+
+def variant_labels(keys: list[str]) -> dict[str, str]:
+    """Name each configuration by the settings in which it differs from the others."""
+    if len(keys) == 1:
+        return {keys[0]: ""}
+    configs = {k: json.loads(k) if k != "not recorded" else {} for k in keys}
+    differing = sorted({name for c in configs.values() for name in c
+                        if len({json.dumps(o.get(name), default=str) for o in configs.values()}) > 1})
+    return {k: (", ".join(f"{n}={configs[k].get(n)}" for n in differing) if configs[k] else "config not recorded")
+            for k in keys}
+
+
+def _cell(records: list[dict[str, Any]], field_name: str) -> Cell:
+    """One value per seed (the first run dir in sorted order); seeds seen again are flagged."""
+    cell, seen = Cell([]), set()
+    for record in sorted(records, key=lambda r: r["run_dir"]):
+        seed = record.get("seed")
+        if seed in seen:
+            cell.duplicate_seeds.append(seed)
+            continue
+        seen.add(seed)
+        cell.values.append(record[field_name])
+    return cell
 
 
 def build_table(records: list[dict[str, Any]], profile: str | None = None) -> dict[str, Any]:
-    """Group completed runs into cells; list failed ones.  ``profile`` filters the runs."""
+    """Group completed runs into cells of one configuration each; list failed ones.
+    ``profile`` filters the runs."""
     if profile is not None:
         records = [r for r in records if r.get("profile") == profile]
     completed = [r for r in records if r.get("status") == "completed"]
     failed = [r for r in records if r.get("status") == "failed"]
-    cells: dict[str, dict[Row, Cell]] = defaultdict(lambda: defaultdict(lambda: Cell([])))
+    groups: dict[tuple[str, Row], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for record in completed:
-        data, row = record.get("data"), row_key(record)
-        if data == "mnist":
-            cells["mnist"][row].values.append(record["test_error"])
-        elif data == "multimnist":
-            cells["multimnist"][row].values.append(record["multimnist_error"])
-        elif data == "affnist":
-            cells["affnist_expanded"][row].values.append(record["test_error"])
-            cells["affnist"][row].values.append(record["affnist_error"])
-    rows: list[Row] = [("baseline", None, None)]
-    rows += [("capsnet", r, recon) for r in ROUTING_GRID for recon in (False, True)]
-    extra = {row for column in cells.values() for row in column} - set(rows)
-    rows += sorted(extra, key=lambda r: (r[0], r[1] or 0, bool(r[2])))
+        if record.get("data") in COLUMNS:
+            groups[(record["data"], row_key(record))][config_key(record)].append(record)
+    cells: dict[str, dict[TableRow, Cell]] = defaultdict(dict)
+    duplicates = []
+    for (data, row), by_config in groups.items():
+        labels = variant_labels(sorted(by_config))
+        for key, runs in by_config.items():
+            for column, field_name in COLUMNS[data].items():
+                cell = _cell(runs, field_name)
+                cells[column][(*row, labels[key])] = cell
+                if cell.duplicate_seeds and column == next(iter(COLUMNS[data])):
+                    duplicates.append(((*row, labels[key]), data, sorted(r["run_dir"] for r in runs)))
+    base: list[Row] = [("baseline", None, None)]
+    base += [("capsnet", r, recon) for r in ROUTING_GRID for recon in (False, True)]
+    present = {row for column in cells.values() for row in column}
+    base += sorted({row[:3] for row in present} - set(base), key=lambda r: (r[0], r[1] or 0, bool(r[2])))
+    rows: list[TableRow] = []
+    for row in base:
+        rows.append((*row, ""))
+        rows += sorted(r for r in present if r[:3] == row and r[3])
     profiles = sorted({str(r.get("profile")) for r in completed}) or ([profile] if profile else [])
-    return {"rows": rows, "cells": cells, "failed": failed, "profiles": profiles, "n_runs": len(completed)}
+    return {"rows": rows, "cells": cells, "failed": failed, "profiles": profiles, "n_runs": len(completed),
+            "duplicates": duplicates}
+
+
+def _paper(row: TableRow, paper: dict[Row, str]) -> str:
+    """The paper's value, for the paper's own configuration row only."""
+    return paper.get(row[:3], "") if not row[3] else ""
 
 
 def table_rows(table: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -110,8 +176,32 @@ def table_rows(table: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     for row in table["rows"]:
         mnist = table["cells"]["mnist"].get(row, Cell([]))
         multi = table["cells"]["multimnist"].get(row, Cell([]))
-        out.append([*row_label(row), mnist.format(), PAPER_MNIST.get(row, ""), multi.format(),
-                    PAPER_MULTIMNIST.get(row, "")])
+        out.append([*row_label(row), mnist.format(), _paper(row, PAPER_MNIST), multi.format(),
+                    _paper(row, PAPER_MULTIMNIST)])
+    return columns, out
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def _paper_mean(text: str) -> str:
+    """'0.25 ± 0.005' -> '0.25' (the paper's mean, a number)."""
+    return text.split("±")[0].strip()
+
+
+def numeric_rows(table: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Per row and dataset: mean %, sample std %, n and the paper's mean %, as plain numbers."""
+    columns = []
+    for name in ("mnist", "multimnist"):
+        columns += [f"{name}_mean_pct", f"{name}_std_pct", f"{name}_n", f"{name}_paper_pct"]
+    out = []
+    for row in table["rows"]:
+        values = []
+        for name, paper in (("mnist", PAPER_MNIST), ("multimnist", PAPER_MULTIMNIST)):
+            mean, std, n = table["cells"][name].get(row, Cell([])).stats()
+            values += [_number(mean), _number(std), str(n), _paper_mean(_paper(row, paper))]
+        out.append(values)
     return columns, out
 
 
@@ -121,7 +211,7 @@ def affnist_rows(table: dict[str, Any]) -> list[list[str]]:
         expanded = table["cells"]["affnist_expanded"].get(row)
         if expanded is None:
             continue
-        paper = PAPER_AFFNIST.get(row[0], ("", ""))
+        paper = PAPER_AFFNIST.get(row[0], ("", "")) if not row[3] else ("", "")
         rows.append([" ".join(row_label(row)[:2]).replace(" –", ""), expanded.format(), paper[0],
                      table["cells"]["affnist"][row].format(), paper[1]])
     return rows
@@ -143,6 +233,13 @@ def to_markdown(table: dict[str, Any]) -> str:
                   "shown here as error %.", "",
                   "| model | expanded MNIST (ours) | (paper) | affine set (ours) | (paper) |", "|---|---|---|---|---|"]
         lines += ["| " + " | ".join(row) + " |" for row in affine]
+    if table["duplicates"]:
+        lines += ["", "## Seeds run twice (counted once)", ""]
+        lines += [f"- {' '.join(row_label(row)).strip()} on {data}: " + ", ".join(f"`{d}`" for d in dirs)
+                  for row, data, dirs in table["duplicates"]]
+    if any(row[3] for row in table["rows"]):
+        lines += ["", ("Rows with a label in brackets are runs of another configuration than the row above "
+                       "(the label says the settings that differ); they are never averaged together.")]
     if table["failed"]:
         lines += ["", "## Failed runs", ""]
         lines += [f"- `{r['run_dir']}`: {r.get('error', 'no reason recorded')}" for r in table["failed"]]
@@ -154,12 +251,13 @@ def write_outputs(table: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     md = out_dir / "table1.md"
     md.write_text(to_markdown(table))
     columns, rows = table_rows(table)
+    numeric_columns, numbers = numeric_rows(table)
     csv_path = out_dir / "table1.csv"
     with csv_path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["profile", *columns])
+        writer.writerow(["profile", *columns, "configuration", *numeric_columns])
         profile = "+".join(table["profiles"])
-        writer.writerows([profile, *row] for row in rows)
+        writer.writerows([profile, *row, key[3], *values] for row, key, values in zip(rows, table["rows"], numbers))
     return md, csv_path
 
 

@@ -2,32 +2,43 @@
 
 A job is idempotent: its run dir is a pure function of its command line, so running the
 same command again skips a completed job and resumes an unfinished one from last.ckpt.
+Everything that decides the result is checked against what the dir already holds before
+any training starts (see capsnet.signature).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf
 
 from capsnet.builders import build_datamodule, build_logger, build_module
 from capsnet.figures import write_run_figures
-from capsnet.run_record import git_commit, read_metrics, save_resolved_config, write_metrics
-from capsnet.schema import validate_config
-from capsnet.tracking import finish_wandb
+from capsnet.module import RUN_SIGNATURE_KEY
+from capsnet.run_record import git_commit, read_metrics, resolved_config, save_resolved_config, write_metrics
+from capsnet.schema import ConfigError, validate_config
+from capsnet.signature import SCHEDULE_LENGTH_KEYS, ResumeMismatchError, differences, run_signature
+from capsnet.tracking import finish_wandb, log_resolved_config
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
+BEST = "best"
 
 
 def run_identity(cfg: DictConfig) -> dict[str, Any]:
@@ -50,25 +61,31 @@ def is_redundant_baseline(cfg: DictConfig) -> bool:
     return cfg.model.name == "baseline" and (int(cfg.routing.iters), bool(cfg.recon)) != (3, True)
 
 
-def gpu_slot(trainer_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Under the joblib launcher, pin job k to GPU k mod (GPU count).
+class RunDirCheckpoint(ModelCheckpoint):
+    """A ModelCheckpoint that keeps its best score when its run dir was moved or synced.
 
-    Parallel sweep jobs would otherwise all land on GPU 0.  Setting trainer.devices (not
-    CUDA_VISIBLE_DEVICES, which a reused worker process has already read) does the pinning.
+    Lightning restores ``best_model_score`` only when the stored dirpath equals the new one;
+    otherwise the next validation would overwrite best.ckpt however bad it is.  The stored
+    paths are re-rooted in the new dir instead.
     """
-    if not HydraConfig.initialized() or trainer_kwargs.get("accelerator") == "cpu":
-        return {}
-    hydra_cfg = HydraConfig.get()
-    launcher = str(hydra_cfg.launcher.get("_target_", "")) if hydra_cfg.get("launcher") else ""
-    count = torch.cuda.device_count()
-    if "joblib" not in launcher.lower() or count < 1:
-        return {}
-    return {"accelerator": "gpu", "devices": [int(hydra_cfg.job.num) % count]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        old, new = state_dict.get("dirpath"), self.dirpath
+        if old and new and old != new:
+            def moved(path: Any) -> Any:
+                return str(Path(new) / Path(path).name) if path else path
+
+            state_dict = {
+                **state_dict, "dirpath": new,
+                **{k: moved(state_dict.get(k)) for k in ("best_model_path", "kth_best_model_path", "last_model_path")},
+                "best_k_models": {moved(k): v for k, v in state_dict.get("best_k_models", {}).items()},
+            }
+        super().load_state_dict(state_dict)
 
 
-def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> tuple[ModelCheckpoint, ModelCheckpoint]:
-    best = ModelCheckpoint(
-        dirpath=ckpt_dir, filename="best", monitor="val/error", mode="min",
+def _checkpoints(cfg: DictConfig, ckpt_dir: Path) -> tuple[ModelCheckpoint, ModelCheckpoint]:
+    best = RunDirCheckpoint(
+        dirpath=ckpt_dir, filename=BEST, monitor="val/error", mode="min",
         save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False,
     )
     periodic = ModelCheckpoint(
@@ -78,79 +95,175 @@ def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> tuple[ModelCheckpoint, ModelC
     return best, periodic
 
 
-def prepare_run_dir(cfg: DictConfig) -> Path:
-    """Validate the config and the data before anything is trained.
+def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, ModelCheckpoint]:
+    """The Trainer of ``cfg.trainer`` with capsnet's checkpoints and any ``callbacks``.
 
-    On an invalid config or missing data the run dir Hydra made is removed again (when it
-    holds no earlier results), so a typo leaves nothing half-made behind.
+    Under SLURM, submitit owns requeueing (``hydra.launcher.max_num_timeout``); Lightning's
+    own SIGUSR1 requeue is turned off so the two never both requeue one job.
     """
-    run_dir = Path(cfg.paths.output_dir)
+    best, periodic = _checkpoints(cfg, run_dir / CHECKPOINT_DIR)
+    extra = [instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
+    kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
+    plugins = list(kwargs.pop("plugins", None) or [])
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    trainer = L.Trainer(
+        **kwargs, plugins=plugins or None, callbacks=[best, periodic, *extra], logger=build_logger(cfg),
+        default_root_dir=str(run_dir),
+    )
+    return trainer, best
+
+
+def apply_matmul_precision(precision: str | None) -> None:
+    """``perf.matmul_precision``: "highest" keeps float32 matmuls and convolutions exact;
+    "high" lets CUDA use TF32 for both (about 8x the float32 rate on recent GPUs)."""
+    if precision is None:
+        return
+    torch.set_float32_matmul_precision(precision)
+    torch.backends.cudnn.allow_tf32 = precision != "highest"
+
+
+def check_parallel_setup(cfg: DictConfig, trainer: L.Trainer) -> None:
+    """The global batch must split evenly over the ranks, and a local sweep cannot run DDP."""
+    world = trainer.world_size
+    batch = int(cfg.data.batch_size)
+    if batch % world:
+        raise ConfigError(
+            "data.batch_size", batch,
+            f"it is the global batch, split over {world} processes (trainer.devices x trainer.num_nodes), "
+            f"so it must be a multiple of {world}, e.g. {batch - batch % world or world}",
+        )
+    relaunches = isinstance(getattr(trainer.strategy, "launcher", None), _SubprocessScriptLauncher)
+    in_sweep = HydraConfig.initialized() and getattr(HydraConfig.get().mode, "name", None) == "MULTIRUN"
+    if relaunches and world > 1 and in_sweep:
+        raise ConfigError(
+            "trainer.strategy", trainer.strategy.__class__.__name__,
+            "DDP over several devices cannot run inside a local sweep: Lightning starts each extra rank by "
+            "re-running this command, which would re-run the sweep in every rank. Run one configuration at a "
+            "time without -m (experiment configs sweep by themselves: add hydra.mode=RUN), or sweep with one "
+            "GPU per job (hydra/launcher=ray_gpus), or on SLURM, where the scheduler starts the ranks "
+            "(hydra/launcher=slurm with tasks_per_node = gpus_per_node = trainer.devices)",
+        )
+
+
+@contextmanager
+def refusing_leaves_no_trace(run_dir: Path) -> Iterator[None]:
+    """On a refusal (invalid config, missing data, another run's dir) remove what this
+    invocation made: the run dir, but only while it holds nothing beyond Hydra's own files
+    for this job (``.hydra/`` and its log).  A dir holding anything else, such as other runs
+    or a user's files, is left exactly as it was."""
     try:
-        validate_config(cfg)
-        build_datamodule(cfg).prepare_data()
+        yield
     except Exception:
-        if not (run_dir / CHECKPOINT_DIR).exists() and read_metrics(run_dir) is None:
+        hydra_own = {".hydra"}
+        if HydraConfig.initialized():
+            hydra_own.add(f"{HydraConfig.get().job.name}.log")
+        if run_dir.is_dir() and set(os.listdir(run_dir)) <= hydra_own:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    return run_dir
+
+
+def stored_signature(checkpoint: Path) -> dict[str, Any] | None:
+    """The run signature saved with a checkpoint (memory-mapped: the weights are not read)."""
+    raw = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)
+    return raw.get(RUN_SIGNATURE_KEY) if isinstance(raw, dict) else None
+
+
+def check_same_run(run_dir: Path, signature: dict[str, Any], previous: dict[str, Any] | None,
+                   resume_from: Path | None) -> None:
+    """Refuse to skip to, or continue, a run of another configuration in this dir."""
+    if previous is not None and previous.get("status") in ("completed", "skipped") and "signature" in previous:
+        changes = differences(previous["signature"], signature)
+        if changes:
+            raise ResumeMismatchError(str(run_dir), f"a {previous['status']} run", changes)
+    if resume_from is not None:
+        stored = stored_signature(resume_from)
+        if stored is None:
+            log.warning("%s has no run signature (written by an older capsnet): resuming unchecked", resume_from)
+            return
+        changes = differences(stored, signature, ignore=SCHEDULE_LENGTH_KEYS)
+        if changes:
+            raise ResumeMismatchError(str(run_dir), "an unfinished run", changes)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and test one configuration; return (and write) its metrics.json record."""
-    run_dir = prepare_run_dir(cfg)
-    identity = run_identity(cfg)
-    previous = read_metrics(run_dir)
+    run_dir = Path(cfg.paths.output_dir)
+    ckpt_dir = run_dir / CHECKPOINT_DIR
+    with refusing_leaves_no_trace(run_dir):
+        validate_config(cfg)
+        datamodule = build_datamodule(cfg)
+        datamodule.prepare_data()
+        apply_matmul_precision(cfg.perf.matmul_precision)
+        trainer, best = build_trainer(cfg, run_dir)
+        check_parallel_setup(cfg, trainer)
+        signature = run_signature(resolved_config(cfg), trainer.world_size)
+        previous = read_metrics(run_dir)
+        resume_from = ckpt_dir / LAST if cfg.resume and (ckpt_dir / LAST).is_file() else None
+        check_same_run(run_dir, signature, previous if cfg.resume else None, resume_from)
+
+    identity = {**run_identity(cfg), "world_size": trainer.world_size, "global_batch": int(cfg.data.batch_size),
+                "precision": str(cfg.trainer.precision), "signature": signature}
     if cfg.resume and previous is not None and previous.get("status") in ("completed", "skipped"):
         log.info("%s already %s; skipping (resume=false to retrain)", run_dir, previous["status"])
         return previous
     if is_redundant_baseline(cfg):
         record = {**identity, "status": "skipped", "error": "baseline trains only in the r=3, recon=true cell"}
-        write_metrics(run_dir, record)
+        if trainer.is_global_zero:
+            write_metrics(run_dir, record)
         return record
 
     started = time.time()
     save_resolved_config(cfg, run_dir)
-    ckpt_dir = run_dir / CHECKPOINT_DIR
-    resume_from = ckpt_dir / LAST if cfg.resume and (ckpt_dir / LAST).is_file() else None
     record: dict[str, Any] = {**identity, "git_commit": git_commit(), "status": "running"}
-    trainer: L.Trainer | None = None
     try:
+        for logger in trainer.loggers:
+            log_resolved_config(logger, cfg)
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-        datamodule = build_datamodule(cfg)
         module = build_module(cfg, datamodule)
-        best, periodic = _callbacks(cfg, ckpt_dir)
-        trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-        trainer_kwargs.update(gpu_slot(trainer_kwargs))
-        trainer = L.Trainer(
-            **trainer_kwargs, callbacks=[best, periodic], logger=build_logger(cfg), default_root_dir=str(run_dir)
-        )
+        module.run_signature = signature
         if resume_from is not None:
             log.info("resuming from %s", resume_from)
             record["resumed_from"] = str(resume_from)
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
         trainer.save_checkpoint(ckpt_dir / LAST)
-        best_path = best.best_model_path or str(ckpt_dir / LAST)
-        results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)
+        best_path = best_checkpoint(best, ckpt_dir)
+        val_examples = trainer.callback_metrics.get("val/examples")
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=str(best_path), verbose=False)
         record.update(collect_test_metrics(results, cfg.data.name))
         if cfg.figures and trainer.is_global_zero:
             record["figures"] = [p.name for p in _write_figures(module, datamodule, run_dir, trainer)]
         record.update(
             status="completed",
             val_error=float(best.best_model_score) if best.best_model_score is not None else None,
-            best_checkpoint=best_path,
+            val_examples=int(val_examples) if val_examples is not None else None,
+            best_checkpoint=str(best_path),
         )
     except Exception as error:  # recorded so one failed job never hides the others' results
         log.exception("run failed")
         record.update(status="failed", error=f"{type(error).__name__}: {error}")
     finally:
-        if trainer is not None:
-            record.update(epochs=trainer.current_epoch, steps=trainer.global_step)
+        record.update(epochs=trainer.current_epoch, steps=trainer.global_step)
         record["wall_time_s"] = round(time.time() - started, 2)
-        if trainer is not None:
-            finish_wandb(trainer.loggers)
-        if trainer is None or trainer.is_global_zero:  # under DDP, one writer
+        finish_wandb(trainer.loggers)
+        if trainer.is_global_zero:  # under DDP, one writer
             write_metrics(run_dir, record)
     return record
+
+
+def best_checkpoint(best: ModelCheckpoint, ckpt_dir: Path) -> Path:
+    """The best-validation checkpoint, always resolved inside this run's own dir.
+
+    Only a run that never validated has none; it is then tested on last.ckpt.  A best
+    checkpoint that is recorded but missing is an error, never a silent fallback.
+    """
+    if not best.best_model_path:
+        log.warning("no validation ran, so there is no best checkpoint: testing %s", ckpt_dir / LAST)
+        return ckpt_dir / LAST
+    path = ckpt_dir / Path(best.best_model_path).name
+    if not path.is_file():
+        raise FileNotFoundError(f"best checkpoint {path} is missing from the run dir")
+    return path
 
 
 def collect_test_metrics(results: list[dict[str, float]], data_name: str) -> dict[str, float]:
@@ -159,6 +272,8 @@ def collect_test_metrics(results: list[dict[str, float]], data_name: str) -> dic
     for loader_results in results:
         merged.update(loader_results)
     record = {"test_error": merged["test/error"]}
+    if "test/examples" in merged:
+        record["test_examples"] = int(merged["test/examples"])
     for key, value in merged.items():
         if key.endswith("_error") and key.startswith("test/") and key != "test/error":
             record[key.removeprefix("test/")] = value

@@ -30,6 +30,10 @@ BAD_VALUES = [
     ("optim.lr=0", "optim.lr"),
     ("model.name=resnet", "model.name"),
     ("data.name=cifar", "data.name"),
+    ("trainer.precision=16-true", "trainer.precision"),
+    ("perf.compile=fastest", "perf.compile"),
+    ("perf.matmul_precision=tf32", "perf.matmul_precision"),
+    ("data.train_subset=8", "data.train_subset"),
 ]
 
 

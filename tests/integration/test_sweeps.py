@@ -48,8 +48,9 @@ def test_table1_declares_the_whole_grid() -> None:
 def test_launcher_configs_compose() -> None:
     slurm = _compose("hydra/launcher=slurm").hydra.launcher
     assert slurm.gpus_per_node == 1 and "submitit" in slurm._target_
-    joblib = _compose("hydra/launcher=joblib_gpu").hydra.launcher
-    assert "joblib" in joblib._target_
+    assert slurm.max_num_timeout >= 1  # jobs that reach the time limit are requeued and resume
+    ray = _compose("hydra/launcher=ray_gpus", "hydra.launcher.jobs_per_gpu=3").hydra.launcher
+    assert ray._target_.endswith("RayGpuLauncher") and ray.jobs_per_gpu == 3
 
 
 def test_smoke_table1_sweep_builds_the_table(tmp_path: Path, mnist_dir: Path) -> None:
@@ -74,18 +75,6 @@ def test_smoke_table1_sweep_builds_the_table(tmp_path: Path, mnist_dir: Path) ->
     )
     assert rerun.returncode == 0
     assert "already completed; skipping" in rerun.stderr + rerun.stdout
-
-
-def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path: Path, mnist_dir: Path) -> None:
-    sweep_dir = tmp_path / "sweep"
-    result = run_cli(
-        "train.py", "-m", "hydra/launcher=joblib_gpu", "hydra.launcher.n_jobs=2", "routing.iters=1,2",
-        "profile=smoke", "logger=none", *TINY, f"paths.data_dir={mnist_dir}", f"hydra.sweep.dir={sweep_dir}",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    records = [json.loads(p.read_text()) for p in sweep_dir.glob("*/metrics.json")]
-    assert sorted(r["routing_iters"] for r in records) == [1, 2]
-    assert all(r["status"] == "completed" for r in records)
 
 
 def test_wandb_offline_writes_local_run_files(make_cfg, monkeypatch, tmp_path: Path) -> None:
@@ -133,14 +122,3 @@ def test_table_logged_to_wandb_offline(monkeypatch, tmp_path: Path) -> None:
     main([str(tmp_path / "runs"), "--out", str(tmp_path / "results"), "--wandb"])
     (run_file,) = (tmp_path / "results" / "wandb").glob("offline-run-*/run-*.wandb")
     assert b"table1" in _wait_for_bytes(run_file, (b"table1",))
-
-
-def test_ddp_trainer_runs_on_two_cpu_processes(tmp_path: Path, mnist_dir: Path) -> None:
-    """trainer=ddp with gloo on the CPU: both ranks train their own shard, rank 0 records."""
-    run_dir = tmp_path / "ddp"
-    result = run_cli("train.py", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "profile=smoke",
-                     "logger=none", *TINY, f"paths.data_dir={mnist_dir}", f"hydra.run.dir={run_dir}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    record = json.loads((run_dir / "metrics.json").read_text())
-    assert record["status"] == "completed" and record["steps"] == 1
-    assert (run_dir / "train_ddp_process_1.log").is_file()  # the second rank really ran

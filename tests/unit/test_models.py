@@ -83,3 +83,35 @@ def test_forward_masks_by_label_when_given_else_by_longest() -> None:
         torch.testing.assert_close(out.reconstructions, net.reconstruct(out.poses, longest))
         other = (longest + 1) % 10
         torch.testing.assert_close(net(x, other).reconstructions, net.reconstruct(out.poses, other))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_capsnet_runs_in_a_pure_precision(dtype: torch.dtype) -> None:
+    """bf16-true, 16-true and .double(): routing runs in the module's own dtype."""
+    torch.manual_seed(0)
+    reference = CapsNet()
+    model = CapsNet().to(dtype)
+    model.load_state_dict(reference.state_dict())
+    images, labels = torch.rand(2, 1, 28, 28), torch.tensor([3, 7])
+    out = model(images.to(dtype), labels)
+    assert out.lengths.dtype == out.poses.dtype == out.reconstructions.dtype == dtype
+    (out.lengths.sum() + out.reconstructions.sum()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    tolerance = {torch.float64: 1e-5, torch.bfloat16: 0.05, torch.float16: 0.01}[dtype]
+    torch.testing.assert_close(out.lengths.float(), reference(images, labels).lengths, atol=tolerance, rtol=0)
+
+
+def test_digit_caps_gradients_in_float64_pass_gradcheck() -> None:
+    from capsnet.layers import DigitCaps
+
+    torch.manual_seed(0)
+    layer = DigitCaps(in_capsules=6, in_dim=4, out_capsules=3, out_dim=5, routing_iterations=3, bias=True).double()
+    u = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: layer(x)[0], (u,))
+
+
+def test_routing_stays_float32_under_autocast() -> None:
+    model = CapsNet()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        poses, coupling = model.digit_caps(torch.rand(2, 1152, 8))
+    assert poses.dtype == coupling.dtype == torch.float32

@@ -6,6 +6,8 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
+
 from capsnet.table import build_table, load_records, main, to_markdown
 
 
@@ -72,7 +74,12 @@ def test_cli_writes_markdown_and_csv(tmp_path: Path, capsys) -> None:
     with (out / "table1.csv").open() as handle:
         rows = list(csv.reader(handle))
     assert rows[0][:4] == ["profile", "model", "routing", "reconstruction"]
-    assert ["fast", "CapsNet", "3", "yes", "0.25 ± 0.05 (n=3)", "0.25 ± 0.005", "6.00 (n=1)", "5.2"] in rows
+    header = rows[0]
+    r3 = [dict(zip(header, row)) for row in rows[1:] if row[1:4] == ["CapsNet", "3", "yes"]]
+    assert len(r3) == 1 and [r3[0][c] for c in header[4:8]] == ["0.25 ± 0.05 (n=3)", "0.25 ± 0.005", "6.00 (n=1)", "5.2"]
+    # numeric columns: mean and sample std in percent, n, the paper's mean
+    assert float(r3[0]["mnist_mean_pct"]) == pytest.approx(0.25) and float(r3[0]["mnist_std_pct"]) == pytest.approx(0.05)
+    assert r3[0]["mnist_n"] == "3" and r3[0]["mnist_paper_pct"] == "0.25" and r3[0]["multimnist_paper_pct"] == "5.2"
     assert len(rows) == 1 + 11
 
 
@@ -81,3 +88,23 @@ def test_affnist_section(tmp_path: Path) -> None:
            status="completed", test_error=0.01, affnist_error=0.25)
     markdown = to_markdown(build_table(load_records([tmp_path])))
     assert "| CapsNet 3 | 1.00 (n=1) | 0.77 | 25.00 (n=1) | 21 |" in markdown
+
+
+def _signed(root: Path, name: str, seed: int, err: float, **config) -> None:
+    signature = {"optim.lr": 0.001, "trainer.precision": "32-true", "seed": seed, "world_size": 1, **config}
+    _write(root, name, model="capsnet", routing_iters=3, recon=True, seed=seed, data="mnist", profile="fast",
+           status="completed", test_error=err, signature=signature)
+
+
+def test_two_configurations_in_one_row_are_shown_apart_never_averaged(tmp_path: Path) -> None:
+    for seed in (0, 1):
+        _signed(tmp_path, f"a{seed}", seed, 0.0030)
+        _signed(tmp_path, f"b{seed}", seed, 0.0050, **{"optim.lr": 0.002})
+    _signed(tmp_path, "c0", 0, 0.0040, world_size=4)  # another world size: the same configuration
+    markdown = to_markdown(build_table(load_records([tmp_path])))
+    lines = [line for line in markdown.splitlines() if "| 3 | yes |" in line]
+    assert any(line.startswith("| CapsNet (optim.lr=0.001) |") and "0.30 ± 0.00 (n=2) ⚠ seed 0 twice" in line
+               for line in lines), lines
+    assert any(line.startswith("| CapsNet (optim.lr=0.002) |") and "0.50 ± 0.00 (n=2)" in line for line in lines)
+    assert "| CapsNet | 3 | yes |  | 0.25 ± 0.005 |" in markdown  # the paper's row itself stays unfilled
+    assert "## Seeds run twice (counted once)" in markdown and "`" + str(tmp_path / "c0") + "`" in markdown

@@ -53,3 +53,25 @@ def test_random_shift_is_a_translation_within_bounds() -> None:
         assert len(matches) == 1
         seen.add(matches[0])
     assert len(seen) > 10  # shifts vary across examples
+
+
+def _reference_hash(*keys: int) -> int:
+    """The key hash written out in plain Python integers (a separate implementation)."""
+    h = 0
+    for key in keys:
+        h = ((h ^ (key % 2**32)) + 0x9E3779B9) % 2**32
+        for _ in range(2):
+            h ^= h >> 16
+            h = (h * 0x45D9F3B) % 2**32
+        h ^= h >> 16
+    return h
+
+
+def test_key_hash_matches_the_reference_for_ints_tensors_and_mixes() -> None:
+    from capsnet.data.transforms import hash_keys
+
+    index = torch.tensor([0, 5, 2**31 + 7, 123456789])
+    for keys in [(0,), (7, 3), (12345, -1, 2**32 - 1)]:
+        assert int(hash_keys(*keys)) == _reference_hash(*keys)
+    mixed = hash_keys(3, 11, index, 1)  # ints before and after a tensor key
+    assert mixed.tolist() == [_reference_hash(3, 11, i, 1) for i in index.tolist()]

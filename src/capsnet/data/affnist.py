@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from capsnet.data.loader import TensorBatches
+from capsnet.data.loader import EvalBatches
 from capsnet.data.mnist import DataError, MNISTDataModule
 from capsnet.data.transforms import center_on_canvas, hash_uniform, random_shift, to_float_images
 
@@ -154,11 +154,11 @@ class AffNISTDataModule(MNISTDataModule):
         else:
             self.affnist = AffNIST(*self.test_set, copies=self.copies, seed=self.affnist_seed, size=self.canvas_size, **self.ranges)
 
-    def test_dataloader(self) -> list[TensorBatches]:
-        expanded = self._eval_loader(self.test_set)
+    def test_dataloader(self) -> list[EvalBatches]:
+        expanded = self._eval_loader("test", self.test_set)
         if self.real_affnist is not None:
-            return [expanded, self._eval_loader(self.real_affnist)]
-        return [expanded, self._eval_loader((torch.arange(len(self.affnist)),))]
+            return [expanded, self._eval_loader("affnist", self.real_affnist)]
+        return [expanded, self._eval_loader("affnist", (torch.arange(len(self.affnist)),))]
 
     def place_for_eval(self, images: Tensor, idx: Tensor) -> Tensor:
         """Expanded-MNIST eval digits: each at a seeded random position, fixed for every run."""

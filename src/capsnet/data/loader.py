@@ -1,9 +1,18 @@
-"""A mini-batch iterator over in-memory tensors that resumes mid-epoch exactly.
+"""Mini-batch iterators over in-memory tensors: exact mid-epoch resume, global batches under DDP.
 
-MNIST fits in memory many times over, so a per-item Dataset + collate would only burn
-CPU.  This loader slices whole batches with one index op.  Its order is a pure function
-of (seed, epoch), and it starts each epoch at the batch the trainer has reached, so a run
-restarted from a mid-epoch checkpoint sees exactly the batches it had not yet trained on.
+MNIST fits in device memory many times over, so a per-item Dataset + collate would only
+burn CPU and copy every batch from the host.  These loaders slice whole batches out of
+tensors that already live on the training device, with one index op.
+
+Training (:class:`TrainBatches`): ``batch_size`` is the *global* batch.  Epoch e's order is
+a pure function of (seed, e); global batch b is ``order[b*G:(b+1)*G]`` whatever the world
+size, and rank r takes its r-th equal slice.  So 1 or N processes train on exactly the same
+examples at every step, and a run resumed from a mid-epoch checkpoint sees exactly the
+batches it had not yet trained on.  Only full batches are used (as the official code does),
+so every rank always has the same number of examples.
+
+Evaluation (:class:`EvalBatches`): rank r takes the r-th of ``world_size`` contiguous
+shards (sizes differ by at most one), so every example is evaluated exactly once.
 """
 
 from __future__ import annotations
@@ -16,16 +25,15 @@ from torch import Tensor
 Position = Callable[[], tuple[int, int]]
 
 
-class TensorBatches:
-    """Yields ``(*tensors[idx], idx)`` for consecutive index batches.
+class TrainBatches:
+    """Yields ``(*tensors[idx], idx)`` for this rank's slice of each global batch.
 
     Args:
-        tensors: tensors sharing their first dimension.
-        batch_size: examples per batch.
-        shuffle: reshuffle each epoch (order seeded by ``seed`` and the epoch).
-        seed: the order's seed.
+        tensors: tensors sharing their first dimension (on the training device).
+        batch_size: the global batch (all ranks together); a multiple of ``world_size``.
+        seed: the order's seed (each epoch reshuffles).
         position: returns ``(epoch, first_batch)``; the trainer's progress during fit.
-        rank, world_size: each rank takes a disjoint slice of every epoch's order.
+        rank, world_size: this process among the data-parallel ones.
     """
 
     def __init__(
@@ -33,39 +41,57 @@ class TensorBatches:
         tensors: tuple[Tensor, ...],
         *,
         batch_size: int,
-        shuffle: bool,
         seed: int = 0,
         position: Position | None = None,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
         assert batch_size > 0, f"batch_size must be positive, got {batch_size}"
+        assert batch_size % world_size == 0, (
+            f"the global batch {batch_size} must be a multiple of the world size {world_size}"
+        )
+        assert len(tensors[0]) >= batch_size, (
+            f"the training set ({len(tensors[0])} examples) is smaller than one global batch ({batch_size})"
+        )
         self.tensors = tensors
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.seed = seed
-        self.position = position
+        self.batch_size, self.seed, self.position = batch_size, seed, position
         self.rank, self.world_size = rank, world_size
-        self.num_examples = len(tensors[0]) // world_size if world_size > 1 else len(tensors[0])
+        self.per_rank = batch_size // world_size
 
     def __len__(self) -> int:
-        return (self.num_examples + self.batch_size - 1) // self.batch_size
+        return len(self.tensors[0]) // self.batch_size
 
     def order(self, epoch: int) -> Tensor:
-        """The example order of ``epoch`` for this rank."""
-        total = len(self.tensors[0])
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            order = torch.randperm(total, generator=generator)
-        else:
-            order = torch.arange(total)
-        if self.world_size > 1:
-            order = order[self.rank : self.num_examples * self.world_size : self.world_size]
-        return order
+        """The global example order of ``epoch`` (the same on every rank and device)."""
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(len(self.tensors[0]), generator=generator)
 
     def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         epoch, start = self.position() if self.position is not None else (0, 0)
-        order = self.order(epoch)
+        # One host-to-device copy per epoch; every batch below is sliced on the device.
+        order = self.order(epoch).to(self.tensors[0].device)
         for batch in range(max(start, 0), len(self)):
-            idx = order[batch * self.batch_size : (batch + 1) * self.batch_size]
+            first = batch * self.batch_size + self.rank * self.per_rank
+            idx = order[first : first + self.per_rank]
             yield (*(t[idx] for t in self.tensors), idx)
+
+
+class EvalBatches:
+    """Yields ``(*tensors[idx], idx)`` over this rank's contiguous shard, in order."""
+
+    def __init__(self, tensors: tuple[Tensor, ...], *, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
+        assert batch_size > 0, f"batch_size must be positive, got {batch_size}"
+        self.tensors = tensors
+        self.batch_size = batch_size
+        total = len(tensors[0])
+        self.begin = total * rank // world_size
+        self.end = total * (rank + 1) // world_size
+
+    def __len__(self) -> int:
+        return (self.end - self.begin + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        device = self.tensors[0].device
+        for first in range(self.begin, self.end, self.batch_size):
+            stop = min(first + self.batch_size, self.end)
+            yield (*(t[first:stop] for t in self.tensors), torch.arange(first, stop, device=device))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from capsnet.data.loader import TensorBatches
+from capsnet.data.loader import EvalBatches, TrainBatches
 from capsnet.data.mnist import MNISTDataModule
 from capsnet.data.transforms import center_on_canvas, hash_int, to_float_images, translate
 
@@ -114,17 +114,14 @@ class MultiMNISTDataModule(MNISTDataModule):
             "test": MultiMNIST(*self.test_set, self.eval_pairs_per_digit, self.eval_seed + 1, self.max_shift, self.canvas_size),
         }
 
-    def train_dataloader(self) -> TensorBatches:
-        rank, world = self._rank()
-        digits = torch.arange(len(self.sets["train"].images))
-        return TensorBatches((digits,), batch_size=self.batch_size, shuffle=True, seed=self.seed,
-                             position=self._position, rank=rank, world_size=world)
+    def train_dataloader(self) -> TrainBatches:
+        return self._train_loader((torch.arange(len(self.sets["train"].images)),))
 
-    def val_dataloader(self) -> TensorBatches:
-        return self._eval_loader((torch.arange(len(self.sets["val"])),))
+    def val_dataloader(self) -> EvalBatches:
+        return self._eval_loader("val", (torch.arange(len(self.sets["val"])),))
 
-    def test_dataloader(self) -> TensorBatches:
-        return self._eval_loader((torch.arange(len(self.sets["test"])),))
+    def test_dataloader(self) -> EvalBatches:
+        return self._eval_loader("test", (torch.arange(len(self.sets["test"])),))
 
     def sample_batches(self, count: int = 32) -> dict[str, tuple[Tensor, ...]]:
         """Small CPU batches for figures: test composites with their parts."""

@@ -16,8 +16,9 @@ _MULT = 0x45D9F3B  # < 2**31, so x * _MULT never overflows int64 for 32-bit x
 _GOLDEN = 0x9E3779B9
 
 
-def _mix32(x: Tensor) -> Tensor:
-    """A 32-bit integer avalanche hash on int64 tensors holding values in [0, 2**32)."""
+def _mix32(x: Tensor | int) -> Tensor | int:
+    """A 32-bit integer avalanche hash of values in [0, 2**32): int64 tensors or Python ints,
+    with identical results (no product exceeds 2**63)."""
     x = x ^ (x >> 16)
     x = (x * _MULT) & _MASK32
     x = x ^ (x >> 16)
@@ -26,15 +27,20 @@ def _mix32(x: Tensor) -> Tensor:
 
 
 def hash_keys(*keys: int | Tensor, device: torch.device | str | None = None) -> Tensor:
-    """Hash a sequence of integer keys (ints or int tensors, broadcast) to 32-bit values."""
-    tensors = [k for k in keys if isinstance(k, Tensor)]
-    if device is None:
-        device = tensors[0].device if tensors else "cpu"
-    h = torch.zeros((), dtype=torch.int64, device=device)
+    """Hash a sequence of integer keys (ints or int tensors, broadcast) to 32-bit values.
+
+    Python-int keys are mixed on the host and enter tensor arithmetic as scalars, so no key
+    ever becomes a device tensor of its own: on CUDA that would be a blocking host-to-device
+    copy per key, several per training step.
+    """
+    h: Tensor | int = 0
     for key in keys:
-        key_t = torch.as_tensor(key, dtype=torch.int64, device=device) & _MASK32
-        h = _mix32(((h ^ key_t) + _GOLDEN) & _MASK32)
-    return h
+        h = _mix32(((h ^ (key & _MASK32)) + _GOLDEN) & _MASK32)
+    if isinstance(h, Tensor):
+        return h
+    if device is None:
+        device = "cpu"
+    return torch.tensor(h, dtype=torch.int64, device=device)
 
 
 def hash_uniform(*keys: int | Tensor, device: torch.device | str | None = None) -> Tensor:

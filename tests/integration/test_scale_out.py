@@ -1,0 +1,155 @@
+"""What happens only at scale, simulated on the CPU: GPU syncs per step, data on the device,
+DDP at several world sizes against one process, and DDP refused where it cannot work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from capsnet.data.mnist import MNISTDataModule
+from capsnet.data.multimnist import MultiMNISTDataModule
+from capsnet.training import run
+from conftest import run_cli
+from sync_audit import AUDIT, SyncAudit
+
+STEADY = range(4, 24)  # ~20 steps after warm-up
+
+
+def _audited_run(make_cfg, tmp_path: Path, data: str, nan_check_every: int) -> SyncAudit:
+    cfg = make_cfg(
+        f"data={data}", "trainer.limit_train_batches=24", "data.batch_size=8", "data.train_subset=256",
+        "data.val_subset=16", "data.test_subset=16", "figures=false", "logger=csv",
+        f"nan_check_every={nan_check_every}", "trainer.log_every_n_steps=1000", "checkpoint.every_n_steps=1000",
+        "+callbacks.syncs._target_=sync_audit.PerStepSyncs", output_dir=tmp_path / f"{data}_{nan_check_every}",
+    )
+    cfg.trainer.enable_progress_bar = True  # the progress bar used to read the loss at every refresh
+    AUDIT.__init__()
+    with AUDIT.patched():
+        record = run(cfg)
+    assert record["status"] == "completed", record
+    return AUDIT
+
+
+@pytest.mark.parametrize("data", ["mnist", "multimnist"])
+def test_no_host_device_sync_in_a_steady_state_training_step(make_cfg, tmp_path: Path, data: str) -> None:
+    audit = _audited_run(make_cfg, tmp_path, data, nan_check_every=1000)
+    per_step = {step: audit.counts[step] for step in STEADY}
+    assert per_step == dict.fromkeys(STEADY, 0), {s: audit.sites.get(s) for s in STEADY if audit.counts[s]}
+
+
+def test_the_audit_sees_the_nan_checks_and_nothing_else(make_cfg, tmp_path: Path) -> None:
+    """The counter can fail: a NaN check every 5 steps is one sync on exactly those steps."""
+    audit = _audited_run(make_cfg, tmp_path, "mnist", nan_check_every=5)
+    # step k's count covers the end of step k-1 to the end of step k; the check runs inside step k
+    assert {step: audit.counts[step] for step in STEADY} == {step: int(step % 5 == 0) for step in STEADY}
+
+
+@pytest.mark.parametrize("module_class", [MNISTDataModule, MultiMNISTDataModule])
+def test_batches_are_sliced_on_the_training_device(module_class, mnist_dir: Path) -> None:
+    """With the trainer on another device (here 'meta'), every batch is already there: the
+    data moved once, and no batch is copied from the host."""
+    datamodule = module_class(data_dir=str(mnist_dir), batch_size=32, train_subset=256, val_subset=64, test_subset=64)
+    datamodule.setup("fit")
+    strategy = SimpleNamespace(root_device=torch.device("meta"))
+    datamodule.trainer = SimpleNamespace(strategy=strategy, global_rank=0, world_size=1, current_epoch=0,
+                                         global_step=0, num_training_batches=8)
+    for loader in (datamodule.train_dataloader(), datamodule.val_dataloader(), datamodule.test_dataloader()):
+        batches = list(loader)
+        assert batches and all(t.device.type == "meta" for batch in batches for t in batch)
+    first = datamodule.train_dataloader().tensors[0]
+    assert datamodule.train_dataloader().tensors[0] is first  # moved once, then reused
+
+
+DDP_ARGS = ["profile=smoke", "logger=none", "figures=false", "data.batch_size=12", "data.train_subset=48",
+            "trainer.limit_train_batches=null", "data.val_subset=50", "data.test_subset=100",
+            "data.eval_batch_size=16", "checkpoint.every_n_steps=100"]
+
+
+def _ddp_run(tmp_path: Path, mnist_dir: Path, name: str, *trainer: str) -> tuple[dict, dict[int, float]]:
+    run_dir, losses = tmp_path / name, tmp_path / f"{name}_losses"
+    result = run_cli("train.py", *DDP_ARGS, *trainer, f"paths.data_dir={mnist_dir}", f"hydra.run.dir={run_dir}",
+                     "+callbacks.losses._target_=apps.probes.StepLosses", f"+callbacks.losses.path={losses}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for path in losses.glob("rank*.jsonl") for line in path.read_text().splitlines()]
+    by_step: dict[int, list[dict]] = {}
+    for row in rows:
+        by_step.setdefault(row["step"], []).append(row)
+    # the global batch's loss: the mean over ranks, weighted by each rank's examples
+    global_loss = {step: sum(r["loss"] * r["n"] for r in rs) / sum(r["n"] for r in rs) for step, rs in by_step.items()}
+    return json.loads((run_dir / "metrics.json").read_text()), global_loss
+
+
+def test_ddp_on_2_and_3_processes_trains_like_one_process(tmp_path: Path, mnist_dir: Path) -> None:
+    single, single_losses = _ddp_run(tmp_path, mnist_dir, "single", "trainer=cpu")
+    assert single["steps"] == 4 and sorted(single_losses) == [0, 1, 2, 3]
+    for world in (2, 3):
+        record, losses = _ddp_run(tmp_path, mnist_dir, f"ddp{world}", "trainer=ddp", "trainer.accelerator=cpu",
+                                  f"trainer.devices={world}")
+        assert record["status"] == "completed" and record["world_size"] == world
+        assert record["steps"] == single["steps"] == 4  # the one-process number of steps
+        assert record["global_batch"] == 12
+        assert losses.keys() == single_losses.keys()
+        for step, loss in single_losses.items():
+            assert losses[step] == pytest.approx(loss, rel=1e-4), (world, step)
+        assert record["test_examples"] == 100 and record["val_examples"] == 50  # each example once
+        assert abs(record["test_error"] - single["test_error"]) <= 0.01 + 1e-9
+        assert (tmp_path / f"ddp{world}" / f"train_ddp_process_{world - 1}.log").is_file()  # the last rank ran
+
+
+def test_a_global_batch_the_world_does_not_divide_is_refused(tmp_path: Path, mnist_dir: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_cli("train.py", *DDP_ARGS, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=3",
+                     "data.batch_size=16", f"paths.data_dir={mnist_dir}", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 2
+    assert "invalid config value data.batch_size=16" in result.stderr and "multiple of 3, e.g. 15" in result.stderr
+    assert not run_dir.exists()
+
+
+def test_ddp_inside_a_local_sweep_is_refused_with_what_to_do(tmp_path: Path, mnist_dir: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    result = run_cli("train.py", "-m", *DDP_ARGS, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                     "routing.iters=1,3", f"paths.data_dir={mnist_dir}", f"hydra.sweep.dir={sweep_dir}")
+    assert result.returncode == 2
+    assert "cannot run inside a local sweep" in result.stderr and "hydra/launcher=ray_gpus" in result.stderr
+    assert not list(sweep_dir.glob("*/metrics.json"))
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed", "16-mixed", "64-true"])
+def test_every_trainer_precision_trains(make_cfg, tmp_path: Path, precision: str) -> None:
+    record = run(make_cfg(f"trainer.precision={precision}", "trainer.limit_train_batches=2", "data.batch_size=8",
+                          "data.val_subset=16", "data.test_subset=16", "figures=false", output_dir=tmp_path / precision))
+    assert record["status"] == "completed", record
+    assert record["precision"] == precision and record["signature"]["trainer.precision"] == precision
+
+
+def test_matmul_precision_and_compile_mode_settings(make_cfg, tmp_path: Path) -> None:
+    from capsnet.schema import ConfigError
+    from capsnet.training import apply_matmul_precision
+
+    try:
+        apply_matmul_precision("high")
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+        apply_matmul_precision("highest")
+        assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
+    finally:
+        apply_matmul_precision("highest")
+    assert make_cfg("profile=fast").perf.matmul_precision == "high"
+    assert make_cfg("profile=paper").perf.matmul_precision == "highest"
+    with pytest.raises(ConfigError, match="perf.compile"):
+        run(make_cfg("perf.compile=fastest", output_dir=tmp_path / "bad"))
+    assert make_cfg("perf.compile=reduce-overhead").perf.compile == "reduce-overhead"
+
+
+def test_fast_profile_takes_bf16_only_on_a_gpu_with_bf16(make_cfg, monkeypatch) -> None:
+    assert make_cfg("profile=fast").trainer.precision == "32-true"  # this machine: no GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert make_cfg("profile=fast", "trainer=gpu").trainer.precision == "bf16-mixed"
+    assert make_cfg("profile=fast", "trainer=cpu").trainer.precision == "32-true"
+    assert make_cfg("profile=paper", "trainer=gpu").trainer.precision == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)  # e.g. a V100
+    assert make_cfg("profile=fast", "trainer=gpu").trainer.precision == "32-true"
