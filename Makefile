@@ -15,7 +15,8 @@ LAUNCHER ?=
 JOBS_PER_GPU ?= 1
 WANDB ?=
 
-.PHONY: install train test test-slow test-gpu bench reproduce-table clean
+REPORT_DIRS ?= $(addprefix multirun/,$(EXPERIMENTS))
+.PHONY: install train test test-slow test-gpu bench reproduce-table report clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +55,10 @@ reproduce-table: install
 	    $(if $(WANDB),logger=wandb) $(ARGS) || exit 1; \
 	done
 	$(PY) -m capsnet.table $(addprefix multirun/,$(EXPERIMENTS)) --out results --profile $(PROFILE) $(if $(WANDB),--wandb)
+
+# results/REPORT.md: the table, learning curves and the best runs' figures, from REPORT_DIRS.
+report: install
+	$(PY) -m capsnet.table $(REPORT_DIRS) --out results --profile $(PROFILE) --report
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -70,7 +70,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
     out_dir = Path(cfg.paths.output_dir)
     if cfg.get("figures", True):
-        figures = write_run_figures(module.net, datamodule.sample_batches(), out_dir / "figures", module.task)
+        figures = write_run_figures(module.net, datamodule.sample_batches(), out_dir / "figures", module.task,
+                                    source=f"checkpoint {cfg.ckpt_path}")
         record["figures"] = [p.name for p in figures]
     write_metrics(out_dir, record)
     return record

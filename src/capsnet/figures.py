@@ -73,18 +73,19 @@ def overlay_reconstructions(images: Tensor, first: Tensor, second: Tensor) -> Te
     return (grey + first * red + second * green).clamp(0, 1)
 
 
-def plot_routing_convergence(changes: Tensor, path: Path) -> Path:
+def plot_routing_convergence(changes: Tensor, path: Path, source: str = "") -> Path:
     """Line plot of :func:`routing_convergence` (log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
     ax.semilogy(range(2, len(changes) + 2), changes.cpu().numpy(), marker="o")
     ax.set_xlabel("routing iterations r")
-    ax.set_ylabel("mean |c(r) − c(r−1)|")
-    ax.set_title("Routing convergence (coupling coefficients)")
+    ax.set_ylabel("mean |c(r) − c(r−1)| (log scale)")
+    ax.set_title("Routing convergence: change of the coupling coefficients" + (f"\n({source})" if source else ""),
+                 fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -98,16 +99,64 @@ def save_png(image: Tensor, path: Path) -> Path:
     return path
 
 
+SAMPLE_TITLES = {
+    "train": "training digits as the network sees them (random shifts)",
+    "test": "test digits",
+    "expanded": "expanded-MNIST test digits (40×40, seeded positions)",
+    "affnist": "affine-transformed test digits (affNIST-style set)",
+}
+
+
+def save_labelled(image: Tensor, path: Path, title: str, *, rows: list[str] | None = None,
+                  columns: list[str] | None = None, legend: list[tuple[str, str]] | None = None) -> Path:
+    """Save an image grid (from :func:`grid`) with a title, row and column labels and a
+    legend of colours, so the figure says what it shows without the code beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    picture = image.permute(1, 2, 0).cpu().numpy()
+    height, width = picture.shape[:2]
+    scale = 2.2 / 62  # inches per pixel: a 28-px digit is about an inch
+    figure, axes = plt.subplots(figsize=(max(4.0, width * scale + 1.6), height * scale + 1.0), dpi=120)
+    axes.imshow(picture, interpolation="nearest")
+    axes.set_title(title, fontsize=9)
+    axes.set_xticks([])
+    axes.set_yticks([])
+    if rows:
+        step = height / len(rows)
+        axes.set_yticks([step * (i + 0.5) for i in range(len(rows))], rows, fontsize=7)
+    if columns:
+        step = width / len(columns)
+        axes.set_xticks([step * (i + 0.5) for i in range(len(columns))], columns, fontsize=7)
+    if legend:
+        axes.legend(handles=[Patch(color=colour, label=label) for label, colour in legend], fontsize=7,
+                    loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=len(legend), frameon=False)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
 @torch.no_grad()
 def write_run_figures(
-    net: torch.nn.Module, batches: dict[str, tuple[Tensor, ...]], out_dir: Path, task: str
+    net: torch.nn.Module, batches: dict[str, tuple[Tensor, ...]], out_dir: Path, task: str,
+    source: str = "the model's current weights",
 ) -> list[Path]:
-    """Data samples for every named batch, then the model figures on the first batch."""
+    """Data samples for every named batch, then the model figures on the first batch.
+
+    ``source`` names the weights (e.g. which checkpoint) in every model figure's title.
+    """
     written = []
     for name, batch in batches.items():
-        written.append(save_png(grid(batch[0][:32], nrow=8), out_dir / f"samples_{name}.png"))
+        title = SAMPLE_TITLES.get(name, f"{name} samples")
+        written.append(save_labelled(grid(batch[0][:32], nrow=8), out_dir / f"samples_{name}.png", title))
         if task == "multi":
-            written.append(save_png(grid(batch[2][:8].flatten(0, 1), nrow=8), out_dir / f"samples_{name}_parts.png"))
+            written.append(save_labelled(grid(batch[2][:8].flatten(0, 1), nrow=8), out_dir / f"samples_{name}_parts.png",
+                                         f"{title}: each composite's two digits, in pairs"))
     if not isinstance(net, CapsNet) or net.decoder is None:
         return written
     net.eval()
@@ -118,11 +167,23 @@ def write_run_figures(
         top2 = poses.norm(dim=-1).topk(2, dim=1).indices
         first, second = net.reconstruct(poses, top2[:, 0]), net.reconstruct(poses, top2[:, 1])
         overlay = overlay_reconstructions(images, first, second)
-        written.append(save_png(grid(torch.cat([images.expand(-1, 3, -1, -1), overlay]), nrow=8),
-                                out_dir / "reconstructions_multimnist.png"))
+        written.append(save_labelled(
+            grid(torch.cat([images.expand(-1, 3, -1, -1), overlay]), nrow=8),
+            out_dir / "reconstructions_multimnist.png",
+            f"MultiMNIST reconstructions from the two longest digit capsules\n({source})",
+            rows=["input", "reconstructions"],
+            legend=[("longest capsule's digit", "red"), ("second longest", "green"), ("input", "grey")]))
         return written
-    written.append(save_png(reconstructions_beside_inputs(net, images), out_dir / "reconstructions.png"))
+    written.append(save_labelled(
+        reconstructions_beside_inputs(net, images), out_dir / "reconstructions.png",
+        f"Reconstructions, decoder masked by the predicted class (longest capsule)\n({source})",
+        rows=["input", "reconstruction"]))
     decoded = dimension_perturbation(net, images[:1])
-    written.append(save_png(grid(decoded, nrow=len(PERTURBATIONS)), out_dir / "dimension_perturbation.png"))
-    written.append(plot_routing_convergence(routing_convergence(net, images), out_dir / "routing_convergence.png"))
+    written.append(save_labelled(
+        grid(decoded, nrow=len(PERTURBATIONS)), out_dir / "dimension_perturbation.png",
+        f"Each dimension of the predicted capsule moved by Δ\n({source})",
+        rows=[f"dim {d + 1}" for d in range(decoded.shape[0] // len(PERTURBATIONS))],
+        columns=[f"{float(delta):+.2f}" for delta in PERTURBATIONS]))
+    written.append(plot_routing_convergence(routing_convergence(net, images), out_dir / "routing_convergence.png",
+                                            source))
     return written

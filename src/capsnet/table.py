@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from capsnet.curves import write_curves
 from capsnet.signature import configuration
 
 # Table 1 of Sabour et al. (2017), test error % (mean ± std over 3 trials where given).
@@ -54,6 +55,7 @@ class Cell:
 
     values: list[float]
     duplicate_seeds: list[int] = field(default_factory=list)
+    run_dirs: list[str] = field(default_factory=list)  # the runs counted, one per seed
 
     def stats(self) -> tuple[float | None, float | None, int]:
         """Mean and sample std in percent, and n."""
@@ -127,6 +129,7 @@ def _cell(records: list[dict[str, Any]], field_name: str) -> Cell:
             continue
         seen.add(seed)
         cell.values.append(record[field_name])
+        cell.run_dirs.append(record["run_dir"])
     return cell
 
 
@@ -246,6 +249,32 @@ def to_markdown(table: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paper_value(column: str, row: TableRow) -> str:
+    """The paper's error (percent, as text) for a column and row, or ""."""
+    paper = {"mnist": PAPER_MNIST, "multimnist": PAPER_MULTIMNIST}.get(column)
+    if column == "affnist_expanded" and not row[3]:
+        return PAPER_AFFNIST.get(row[0], ("", ""))[0]
+    return _paper(row, paper) if paper else ""
+
+
+def curve_label(row: TableRow) -> str:
+    """'CapsNet r=3, reconstruction' / 'Baseline CNN', with the configuration label if any."""
+    model, iters, recon, variant = row
+    name = "Baseline CNN" if model == "baseline" else f"CapsNet r={iters}, {'reconstruction' if recon else 'no reconstruction'}"
+    return f"{name} ({variant})" if variant else name
+
+
+def cell_runs(table: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """(cell label, the run dirs counted in it), for every filled cell."""
+    out = []
+    for column, cells in table["cells"].items():
+        for row, cell in cells.items():
+            if cell.run_dirs:
+                label = " ".join(row_label(row)).replace(" – –", "")
+                out.append((f"{column} · {label}", cell.run_dirs))
+    return sorted(out)
+
+
 def write_outputs(table: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "table1.md"
@@ -267,11 +296,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--profile", default=None, help="only runs of this profile")
     parser.add_argument("--wandb", action="store_true", help="also log the table to W&B (offline without a key)")
+    parser.add_argument("--report", action="store_true", help="also write <out>/REPORT.md with curves and figures")
     args = parser.parse_args(argv)
-    table = build_table(load_records([d for d in args.dirs if d.exists()]), args.profile)
+    records = load_records([d for d in args.dirs if d.exists()])
+    if args.profile is not None:
+        records = [r for r in records if r.get("profile") == args.profile]
+    table = build_table(records)
     md, csv_path = write_outputs(table, args.out)
+    curves = write_curves(table, args.out, curve_label, paper_value)
     print(md.read_text())
-    print(f"wrote {md} and {csv_path} from {table['n_runs']} completed runs")
+    print(f"wrote {md}, {csv_path} and {len(curves)} curve PNG(s) from {table['n_runs']} completed runs")
+    if args.report:
+        from capsnet.report import write_report
+
+        report = write_report(md.read_text(), curves, records, cell_runs(table), args.out)
+        print(f"wrote {report}")
     if args.wandb:
         from capsnet.tracking import log_table_to_wandb
 

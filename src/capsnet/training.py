@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from capsnet.builders import build_datamodule, build_logger, build_module
 from capsnet.figures import write_run_figures
+from capsnet.history import EpochHistory, read_history, summarize
 from capsnet.module import RUN_SIGNATURE_KEY
 from capsnet.run_record import git_commit, read_metrics, resolved_config, save_resolved_config, write_metrics
 from capsnet.schema import ConfigError, validate_config
@@ -107,8 +108,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, ModelCheck
     plugins = list(kwargs.pop("plugins", None) or [])
     if SLURMEnvironment.detect():
         plugins.append(SLURMEnvironment(auto_requeue=False))
+    history = EpochHistory(run_dir, global_batch=int(cfg.data.batch_size))
     trainer = L.Trainer(
-        **kwargs, plugins=plugins or None, callbacks=[best, periodic, *extra], logger=build_logger(cfg),
+        **kwargs, plugins=plugins or None, callbacks=[best, periodic, history, *extra], logger=build_logger(cfg),
         default_root_dir=str(run_dir),
     )
     return trainer, best
@@ -232,7 +234,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results = trainer.test(module, datamodule=datamodule, ckpt_path=str(best_path), verbose=False)
         record.update(collect_test_metrics(results, cfg.data.name))
         if cfg.figures and trainer.is_global_zero:
-            record["figures"] = [p.name for p in _write_figures(module, datamodule, run_dir, trainer)]
+            source = f"weights of {best_path.name}" + (", lowest validation error" if best_path.stem == BEST else "")
+            record["figures"] = [p.name for p in _write_figures(module, datamodule, run_dir, trainer, source)]
         record.update(
             status="completed",
             val_error=float(best.best_model_score) if best.best_model_score is not None else None,
@@ -244,6 +247,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         record.update(status="failed", error=f"{type(error).__name__}: {error}")
     finally:
         record.update(epochs=trainer.current_epoch, steps=trainer.global_step)
+        if history := summarize(read_history(run_dir)):
+            record["history"] = history
         record["wall_time_s"] = round(time.time() - started, 2)
         finish_wandb(trainer.loggers)
         if trainer.is_global_zero:  # under DDP, one writer
@@ -282,9 +287,9 @@ def collect_test_metrics(results: list[dict[str, float]], data_name: str) -> dic
     return record
 
 
-def _write_figures(module, datamodule, run_dir: Path, trainer: L.Trainer) -> list[Path]:
+def _write_figures(module, datamodule, run_dir: Path, trainer: L.Trainer, source: str) -> list[Path]:
     """PNG figures into the run dir; also logged as images when W&B is on."""
-    written = write_run_figures(module.net, datamodule.sample_batches(), run_dir / "figures", module.task)
+    written = write_run_figures(module.net, datamodule.sample_batches(), run_dir / "figures", module.task, source)
     for logger in trainer.loggers:
         if hasattr(logger, "log_image"):
             pngs = [p for p in written if p.suffix == ".png"]

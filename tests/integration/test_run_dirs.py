@@ -127,3 +127,22 @@ def test_under_slurm_submitit_alone_requeues(make_cfg, monkeypatch) -> None:
     environment = trainer._accelerator_connector.cluster_environment
     assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue is False
     assert _compose("hydra/launcher=slurm").hydra.launcher.max_num_timeout >= 1
+
+
+def test_history_is_kept_by_a_crash_and_a_resume_never_lists_an_epoch_twice(make_cfg, tmp_path: Path) -> None:
+    from capsnet.history import read_history
+
+    args = ["trainer.max_epochs=3", "trainer.limit_train_batches=3", "data.batch_size=8", "data.val_subset=16",
+            "data.test_subset=16", "figures=false", "checkpoint.every_n_steps=4"]
+    crashed = run(make_cfg(*args, "+callbacks.crash._target_=apps.probes.FailAt", "+callbacks.crash.step=7",
+                           output_dir=tmp_path / "run"))
+    assert crashed["status"] == "failed"
+    assert [row["epoch"] for row in read_history(tmp_path / "run")] == [0, 1]  # what it had, kept
+    # last.ckpt is from step 4, inside epoch 1: the resume trains epoch 1 again and rewrites its row
+    record = run(make_cfg(*args, output_dir=tmp_path / "run"))
+    rows = read_history(tmp_path / "run")
+    assert record["status"] == "completed" and record["resumed_from"].endswith("last.ckpt")
+    assert [row["epoch"] for row in rows] == [0, 1, 2] and [row["step"] for row in rows] == [3, 6, 9]
+    assert rows[2]["wall_time_s"] > rows[1]["wall_time_s"] > rows[0]["wall_time_s"] > 0
+    assert {"train_loss", "train_margin_loss", "train_recon_loss", "val_error", "lr", "train_images_per_s"} <= set(rows[0])
+    assert record["history"]["epochs"] == 3 and record["history"]["best_epoch"] in (0, 1, 2)
