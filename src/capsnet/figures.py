@@ -81,7 +81,11 @@ def plot_routing_convergence(changes: Tensor, path: Path, source: str = "") -> P
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    from matplotlib.ticker import FormatStrFormatter
+
     ax.semilogy(range(2, len(changes) + 2), changes.cpu().numpy(), marker="o")
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.4g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.4g"))
     ax.set_xlabel("routing iterations r")
     ax.set_ylabel("mean |c(r) − c(r−1)| (log scale)")
     ax.set_title("Routing convergence: change of the coupling coefficients" + (f"\n({source})" if source else ""),
@@ -156,7 +160,7 @@ def write_run_figures(
         written.append(save_labelled(grid(batch[0][:32], nrow=8), out_dir / f"samples_{name}.png", title))
         if task == "multi":
             written.append(save_labelled(grid(batch[2][:8].flatten(0, 1), nrow=8), out_dir / f"samples_{name}_parts.png",
-                                         f"{title}: each composite's two digits, in pairs"))
+                                         f"{title}: the two digits of each composite, side by side (1st+2nd, 3rd+4th, ...)"))
     if not isinstance(net, CapsNet) or net.decoder is None:
         return written
     net.eval()
