@@ -18,10 +18,10 @@ NOT_RESULT_KEYS = (
     "trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.num_nodes",
     "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
     "trainer.num_sanity_val_steps", "trainer.use_distributed_sampler", "trainer.deterministic",
-    "trainer.plugins",
+    "trainer.plugins", "data.eval_batch_size",
 )
 # How long to train: a resume may extend a run (more epochs or steps) and stay the same run.
-SCHEDULE_LENGTH_KEYS = ("trainer.max_epochs", "trainer.max_steps")
+SCHEDULE_LENGTH_KEYS = ("trainer.max_epochs", "trainer.max_steps", "trainer.max_time")
 # Not part of a table cell's configuration: seeds are what a cell averages over, and the
 # world size only changes the order of floating-point sums (the global batch is fixed).
 NOT_CONFIGURATION_KEYS = ("seed", "world_size")
