@@ -35,8 +35,8 @@ def seed_curves(run_dirs: list[str]) -> dict[int, list[float]]:
 def write_curves(table: dict[str, Any], out_dir: Path, label_of, paper_of) -> list[Path]:
     """One PNG per dataset column with any history: ``out_dir/curves_<dataset>.png``.
 
-    ``label_of(row)`` names a table row; ``paper_of(column, row)`` gives the paper's error
-    (text, percent) or "".
+    ``label_of(row)`` names a table row; ``paper_of(column, row)`` gives the paper's mean
+    error in percent, or None.
     """
     written = []
     profiles = ", ".join(table["profiles"]) or "unknown"
@@ -57,10 +57,9 @@ def write_curves(table: dict[str, Any], out_dir: Path, label_of, paper_of) -> li
                 axes.fill_between(epochs, [min(v) for v in by_epoch.values()], [max(v) for v in by_epoch.values()],
                                   color=colour, alpha=0.2, linewidth=0)
             paper = paper_of(column, row)
-            if paper:
-                value = float(paper.split("±")[0])
-                axes.axhline(value, color=colour, linestyle="--", linewidth=1,
-                             label=f"paper, test error after full training: {value:g}%")
+            if paper is not None:
+                axes.axhline(paper, color=colour, linestyle="--", linewidth=1,
+                             label=f"paper, test error after full training: {paper:g}%")
         axes.set_yscale("log")
         axes.yaxis.set_major_formatter(FormatStrFormatter("%g"))
         axes.yaxis.set_minor_formatter(FormatStrFormatter("%g"))

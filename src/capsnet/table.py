@@ -188,11 +188,6 @@ def _number(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
 
-def _paper_mean(text: str) -> str:
-    """'0.25 ± 0.005' -> '0.25' (the paper's mean, a number)."""
-    return text.split("±")[0].strip()
-
-
 def numeric_rows(table: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Per row and dataset: mean %, sample std %, n and the paper's mean %, as plain numbers."""
     columns = []
@@ -201,9 +196,10 @@ def numeric_rows(table: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     out = []
     for row in table["rows"]:
         values = []
-        for name, paper in (("mnist", PAPER_MNIST), ("multimnist", PAPER_MULTIMNIST)):
+        for name in ("mnist", "multimnist"):
             mean, std, n = table["cells"][name].get(row, Cell([])).stats()
-            values += [_number(mean), _number(std), str(n), _paper_mean(_paper(row, paper))]
+            paper = paper_value(name, row)
+            values += [_number(mean), _number(std), str(n), "" if paper is None else f"{paper:g}"]
         out.append(values)
     return columns, out
 
@@ -249,12 +245,14 @@ def to_markdown(table: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def paper_value(column: str, row: TableRow) -> str:
-    """The paper's error (percent, as text) for a column and row, or ""."""
+def paper_value(column: str, row: TableRow) -> float | None:
+    """The paper's mean error (percent) for a column and row, or None where it reports none."""
     paper = {"mnist": PAPER_MNIST, "multimnist": PAPER_MULTIMNIST}.get(column)
-    if column == "affnist_expanded" and not row[3]:
-        return PAPER_AFFNIST.get(row[0], ("", ""))[0]
-    return _paper(row, paper) if paper else ""
+    if column == "affnist_expanded":
+        text = PAPER_AFFNIST.get(row[0], ("", ""))[0] if not row[3] else ""
+    else:
+        text = _paper(row, paper) if paper else ""
+    return float(text.split("±")[0]) if text else None
 
 
 def curve_label(row: TableRow) -> str:
