@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dev,launchers,affnist]'
+	$(PY) -m pip install -q -e '.[dev,launchers,affnist,optuna]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,4 +1,8 @@
-"""Turn a composed config into the objects a run needs: data, LightningModule, logger."""
+"""Turn a composed config into the objects a run needs: the DataModule and the LightningModule.
+
+Both are named by ``_target_`` in their config group (``conf/data/*.yaml``,
+``conf/model/*.yaml``), so a new dataset or model is one class and one YAML.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,12 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
-from capsnet.data.mnist import MNISTDataModule
 from capsnet.module import CapsNetModule
-from capsnet.tracking import is_wandb, wandb_overrides
+
+# Keys of a data config that describe the dataset rather than configure its class.
+DATA_RECORD_KEYS = ("name", "lr_decay_steps")
 
 
 def _container(node: DictConfig) -> dict[str, Any]:
@@ -19,22 +23,14 @@ def _container(node: DictConfig) -> dict[str, Any]:
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
-    """The DataModule named by ``data.name``, reading from ``paths.data_dir``."""
-    data = _container(cfg.data)
-    name = data.pop("name")
-    data.pop("lr_decay_steps", None)  # the dataset's schedule: read through optim.decay_steps
-    common = {"data_dir": str(cfg.paths.data_dir), "seed": int(cfg.seed)}
-    if name == "mnist":
-        return MNISTDataModule(**common, **data)
-    if name == "affnist":
-        from capsnet.data.affnist import AffNISTDataModule
+    """The DataModule of ``data._target_``, reading from ``paths.data_dir``.
 
-        return AffNISTDataModule(**common, **data)
-    if name == "multimnist":
-        from capsnet.data.multimnist import MultiMNISTDataModule
-
-        return MultiMNISTDataModule(**common, **data)
-    raise ValueError(f"data.name: unknown dataset {name!r}")
+    The contract of every DataModule class: keyword arguments ``data_dir`` and ``seed``
+    (the run seed), plus the data config's own keys; attributes ``image_size``,
+    ``in_channels``, ``num_classes`` and ``task`` ("single" or "multi") for the model.
+    """
+    data = {k: v for k, v in _container(cfg.data).items() if k not in DATA_RECORD_KEYS}
+    return instantiate(data, data_dir=str(cfg.paths.data_dir), seed=int(cfg.seed), _convert_="all")
 
 
 def data_info(datamodule: L.LightningDataModule) -> dict[str, Any]:
@@ -57,12 +53,3 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> CapsNetM
         channels_last=bool(cfg.perf.channels_last),
         compile=cfg.perf.compile,
     )
-
-
-def build_logger(cfg: DictConfig) -> Logger | bool:
-    """The configured experiment logger, or False.  (capsnet.training logs the resolved
-    config to it once the run is known to go ahead.)"""
-    if not cfg.get("logger") or "_target_" not in cfg.logger:
-        return False
-    extra = wandb_overrides(cfg.logger) if is_wandb(cfg.logger) else {}
-    return instantiate(cfg.logger, **extra)

@@ -27,7 +27,13 @@ class CapsNet(nn.Module):
 
     For 28×28 inputs this is exactly the paper's network: 1152 primary capsules and
     8,215,568 parameters with the decoder (6,804,224 without).  36×36 (MultiMNIST) gives
-    3200 primary capsules and 40×40 (affNIST) 4608.
+    3200 primary capsules and 40×40 (affNIST) 4608.  The widths are arguments for the §7
+    variants (CIFAR-10: 64 primary capsule types; SVHN: 64 conv1 channels, 16 types of 6D,
+    8D digit capsules).
+
+    Every capsnet model takes ``input_size``, ``in_channels``, ``num_classes`` and ``task``
+    from the data (see capsnet.module.build_model); CapsNet reads single- and multi-label
+    tasks alike from capsule lengths, so ``task`` changes nothing here.
     """
 
     def __init__(
@@ -36,11 +42,16 @@ class CapsNet(nn.Module):
         input_size: int = 28,
         in_channels: int = 1,
         num_classes: int = 10,
+        task: str = "single",
         routing_iterations: int = 3,
         reconstruction: bool = True,
         digit_bias: bool = False,
         detach_agreement: bool = False,
         weight_std: float = 0.05,
+        conv1_channels: int = 256,
+        primary_types: int = 32,
+        primary_dim: int = 8,
+        digit_dim: int = 16,
     ) -> None:
         super().__init__()
         conv1_size = _conv_out(input_size, 9)
@@ -48,26 +59,30 @@ class CapsNet(nn.Module):
         assert primary_size >= 1, f"input_size {input_size} is too small for two 9×9 convolutions"
         self.input_size = input_size
         self.num_classes = num_classes
-        self.conv1 = nn.Sequential(nn.Conv2d(in_channels, 256, kernel_size=9), nn.ReLU(inplace=True))
-        self.primary_caps = PrimaryCaps(in_channels=256, capsule_types=32, capsule_dim=8)
-        self.num_primary_capsules = 32 * primary_size * primary_size
+        self.conv1 = nn.Sequential(nn.Conv2d(in_channels, conv1_channels, kernel_size=9), nn.ReLU(inplace=True))
+        self.primary_caps = PrimaryCaps(
+            in_channels=conv1_channels, capsule_types=primary_types, capsule_dim=primary_dim
+        )
+        self.num_primary_capsules = primary_types * primary_size * primary_size
         self.digit_caps = DigitCaps(
             in_capsules=self.num_primary_capsules,
+            in_dim=primary_dim,
             out_capsules=num_classes,
+            out_dim=digit_dim,
             routing_iterations=routing_iterations,
             bias=digit_bias,
             detach_agreement=detach_agreement,
             weight_std=weight_std,
         )
         self.decoder = (
-            Decoder(num_capsules=num_classes, out_shape=(in_channels, input_size, input_size))
+            Decoder(num_capsules=num_classes, capsule_dim=digit_dim, out_shape=(in_channels, input_size, input_size))
             if reconstruction
             else None
         )
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Shapes: x [B, C, H, W] -> (poses [B, K, 16], coupling [B, I, K])."""
-        primary = self.primary_caps(self.conv1(x))  # (B, I, 8)
+        """Shapes: x [B, C, H, W] -> (poses [B, K, D], coupling [B, I, K])."""
+        primary = self.primary_caps(self.conv1(x))  # (B, I, primary_dim)
         return self.digit_caps(primary)
 
     def reconstruct(self, poses: Tensor, labels: Tensor) -> Tensor:
@@ -165,6 +180,16 @@ class MultiMNISTBaselineCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+def paper_baseline(
+    *, input_size: int, in_channels: int, num_classes: int, task: str = "single", **widths: object
+) -> nn.Module:
+    """The paper's CNN baseline for the task: the §5 softmax CNN for one label per image
+    (``widths``: dropout, conv_channels, hidden), the §6 sigmoid CNN for MultiMNIST's two."""
+    if task == "multi":
+        return MultiMNISTBaselineCNN(input_size=input_size, in_channels=in_channels, num_classes=num_classes)
+    return BaselineCNN(input_size=input_size, in_channels=in_channels, num_classes=num_classes, **widths)
+
+
 def count_parameters(model: nn.Module) -> int:
     """Trainable parameter count, the figure the paper quotes."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -176,4 +201,5 @@ __all__ = [
     "CapsNetOutput",
     "MultiMNISTBaselineCNN",
     "count_parameters",
+    "paper_baseline",
 ]

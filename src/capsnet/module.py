@@ -9,10 +9,11 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 import torchmetrics
+from hydra.utils import instantiate
 from torch import Tensor, nn
 
 from capsnet.losses import as_multi_hot, margin_loss, reconstruction_loss
-from capsnet.models import BaselineCNN, CapsNet, MultiMNISTBaselineCNN
+from capsnet.models import CapsNet
 from capsnet.routing import capsule_lengths
 
 TASKS = ("single", "multi")
@@ -23,30 +24,27 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the message names the step and each loss part."""
 
 
+# Checkpoints written before models were named by ``_target_`` carry only ``name``.
+LEGACY_TARGETS = {"capsnet": "capsnet.models.CapsNet", "baseline": "capsnet.models.paper_baseline"}
+RECORD_ONLY_KEYS = ("name",)  # in the model config for records and the table, not for the class
+
+
 def build_model(model: dict[str, Any], *, image_size: int, in_channels: int, num_classes: int, task: str) -> nn.Module:
-    """The network named by ``model["name"]`` for this dataset's image size and task."""
-    name = model["name"]
-    if name == "capsnet":
-        return CapsNet(
-            input_size=image_size,
-            in_channels=in_channels,
-            num_classes=num_classes,
-            routing_iterations=int(model["routing_iterations"]),
-            reconstruction=bool(model["reconstruction"]),
-            digit_bias=bool(model.get("digit_bias", False)),
-            detach_agreement=bool(model.get("detach_agreement", False)),
-            weight_std=float(model.get("weight_std", 0.05)),
-        )
-    if name == "baseline":
-        if task == "multi":
-            return MultiMNISTBaselineCNN(input_size=image_size, in_channels=in_channels, num_classes=num_classes)
-        return BaselineCNN(
-            input_size=image_size, in_channels=in_channels, num_classes=num_classes,
-            dropout=float(model.get("dropout", 0.5)),
-            conv_channels=tuple(model.get("conv_channels", (256, 256, 128))),
-            hidden=tuple(model.get("hidden", (328, 192))),
-        )
-    raise ValueError(f"model.name: unknown model {name!r}; choose one of capsnet, baseline")
+    """Instantiate the model config's ``_target_`` for this dataset.
+
+    The contract of every model class: keyword arguments ``input_size``, ``in_channels``,
+    ``num_classes`` and ``task`` come from the data; every other key of the model config
+    (except ``name``) is the class's own.  CapsNet and its subclasses are trained with the
+    margin and reconstruction losses; any other network's output is taken as class logits.
+    """
+    kwargs = {k: v for k, v in model.items() if k not in RECORD_ONLY_KEYS}
+    kwargs.setdefault("_target_", LEGACY_TARGETS.get(model.get("name", "")))
+    if kwargs["_target_"] is None:
+        raise ValueError(f"model config has no _target_ (name={model.get('name')!r}): name the model's class")
+    return instantiate(
+        kwargs, input_size=image_size, in_channels=in_channels, num_classes=num_classes, task=task,
+        _convert_="all",
+    )
 
 
 def error_metric() -> torchmetrics.MeanMetric:
@@ -96,7 +94,9 @@ class CapsNetModule(L.LightningModule):
         compile: bool | str = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # logger=False: loggers get the whole resolved run config instead (capsnet.tracking);
+        # Lightning's own logging of these arguments would overwrite its top-level keys.
+        self.save_hyperparameters(logger=False)
         assert data["task"] in TASKS, f"task must be one of {TASKS}, got {data['task']!r}"
         self.task = data["task"]
         self.net = build_model(

@@ -6,21 +6,37 @@ compose time; this adds the value checks it cannot express, each naming the key.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any
 
+from hydra.utils import get_class, get_method
 from omegaconf import DictConfig, OmegaConf
 
-MODELS = ("capsnet", "baseline")
-DATASETS = ("mnist", "affnist", "multimnist")
 PROFILES = ("smoke", "demo", "fast", "paper")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MATMUL_PRECISIONS = ("highest", "high", "medium")
+MAX_RUN_NAME = 200  # file systems allow 255 bytes per path component
 
 
 def run_name(override_dirname: str) -> str:
     """A run's dir name: its command-line overrides, or ``defaults`` when there are none, so
-    the plain command's run never lands in the parent dir of every other run."""
-    return override_dirname or "defaults"
+    the plain command's run never lands in the parent dir of every other run.  A ``/`` in a
+    value (``ckpt_path=outputs/.../best.ckpt``) becomes ``_``: one run, one dir level.  A
+    name too long for a file system (an Optuna trial's many float overrides) keeps its
+    first 120 characters and a hash of the whole, so it stays a pure function of the command."""
+    name = override_dirname.replace("/", "_") or "defaults"
+    if len(name) > MAX_RUN_NAME:
+        name = f"{name[:120]}...{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+    return name
+
+
+def sqlite_beside(folder: str, filename: str) -> str:
+    """An SQLite URL for ``folder/filename``, creating the folder: Optuna opens its study
+    storage before Hydra makes the sweep dir."""
+    path = Path(folder).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / filename}"
 
 
 def fast_precision(accelerator: str) -> str:
@@ -35,6 +51,7 @@ def fast_precision(accelerator: str) -> str:
 
 OmegaConf.register_new_resolver("capsnet.run_name", run_name, replace=True)
 OmegaConf.register_new_resolver("capsnet.fast_precision", fast_precision, replace=True)
+OmegaConf.register_new_resolver("capsnet.sqlite_beside", sqlite_beside, replace=True)
 
 
 class ConfigError(ValueError):
@@ -65,23 +82,47 @@ def _select(cfg: DictConfig, key: str) -> Any:
     return node
 
 
+def _check_target(cfg: DictConfig, group: str, *, callable_ok: bool) -> None:
+    """``<group>._target_`` must name an importable class (models may also name a factory),
+    and ``<group>.name`` a label for records and the table."""
+    node = cfg[group]
+    name = node.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{group}.name", name, "must be a non-empty label (records and the table use it)")
+    target = node.get("_target_")
+    try:
+        if not isinstance(target, str):
+            raise TypeError("not a string")
+        get_method(target) if callable_ok else get_class(target)
+    except Exception as error:  # ImportError, AttributeError, ValueError: all one message to a user
+        raise ConfigError(
+            f"{group}._target_", target, f"must be the import path of a {'class or function' if callable_ok else 'class'} "
+            f"({error}); see conf/{group}/ for examples",
+        ) from error
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first invalid value in ``cfg``."""
     _positive_int(cfg, "routing.iters")
     if not isinstance(cfg.recon, bool):
         raise ConfigError("recon", cfg.recon, "must be a boolean: true or false")
-    if cfg.model.name not in MODELS:
-        raise ConfigError("model.name", cfg.model.name, f"must be one of {', '.join(MODELS)}")
-    if cfg.data.name not in DATASETS:
-        raise ConfigError("data.name", cfg.data.name, f"must be one of {', '.join(DATASETS)}")
+    _check_target(cfg, "model", callable_ok=True)
+    _check_target(cfg, "data", callable_ok=False)
     if cfg.profile_name not in PROFILES:
         raise ConfigError("profile_name", cfg.profile_name, f"must be one of {', '.join(PROFILES)}")
     for key in ("data.batch_size", "data.eval_batch_size", "data.val_size", "optim.decay_steps",
                 "checkpoint.every_n_steps", "nan_check_every"):
         _positive_int(cfg, key)
-    for key in ("data.train_subset", "data.val_subset", "data.test_subset"):
+    for key in ("data.train_subset", "data.val_subset", "data.test_subset", "data.overfit_batches"):
         _positive_int(cfg, key, optional=True)
     _positive_int(cfg, "seed", minimum=0)
+    _positive_int(cfg, "data.lr_decay_steps")
+    tags = cfg.get("tags")
+    if not OmegaConf.is_list(tags) or not all(isinstance(t, str) and t for t in tags):
+        raise ConfigError("tags", tags, "must be a list of non-empty strings, e.g. tags=[baseline,lr_study]")
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is not None and not Path(str(ckpt_path)).is_file():
+        raise ConfigError("ckpt_path", ckpt_path, "no such file: give a capsnet .ckpt to start from (or null)")
     lr = cfg.optim.lr
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
         raise ConfigError("optim.lr", lr, "must be a positive number, e.g. 0.001")

@@ -13,7 +13,7 @@ from typing import Any
 
 # Settings that change neither the numbers a run produces nor which batch a step sees.
 NOT_RESULT_KEYS = (
-    "paths", "logger", "callbacks", "figures", "resume", "nan_check_every", "experiment_name",
+    "paths", "logger", "callbacks", "tags", "figures", "resume", "nan_check_every", "experiment_name",
     "checkpoint", "deterministic", "perf.compile", "perf.channels_last", "hydra",
     "trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.num_nodes",
     "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",

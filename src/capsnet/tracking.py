@@ -1,41 +1,101 @@
-"""Weights & Biases specifics: offline by default without an API key, resolved configs,
-one W&B run per job, and the results table as a W&B table."""
+"""Experiment loggers: built from the ``logger`` config group, fed the resolved config,
+and, for Weights & Biases, one W&B run per run dir that a resume continues.
+
+Online or offline is wandb's own decision (``WANDB_MODE``, then its credential lookup:
+``WANDB_API_KEY``, ``wandb login [--host]``, the netrc file ``NETRC`` names); without any
+credentials a run goes offline rather than prompting or waiting on the network.
+"""
 
 from __future__ import annotations
 
-import netrc
 import os
+import secrets
+import string
+from pathlib import Path
 from typing import Any
 
+from hydra.utils import instantiate
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from capsnet.run_record import resolved_config
+from capsnet.schema import ConfigError
+
+WANDB_ID_FILE = "wandb_run_id"
 
 
-def wandb_api_key_configured() -> bool:
-    """True when W&B could sync: WANDB_API_KEY is set or `wandb login` stored a key."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-
-
-def is_wandb(logger_cfg: DictConfig | None) -> bool:
+def is_wandb(logger_cfg: Any) -> bool:
     return bool(logger_cfg) and str(logger_cfg.get("_target_", "")).endswith("WandbLogger")
 
 
-def wandb_overrides(logger_cfg: DictConfig) -> dict[str, Any]:
-    """Constructor arguments decided at run time: offline unless a key is configured."""
-    offline = logger_cfg.get("offline")
-    return {"offline": (not wandb_api_key_configured()) if offline is None else bool(offline)}
+def wandb_has_credentials() -> bool:
+    """Whether wandb finds credentials for its configured host, by its own lookup and
+    without prompting (``wandb.login(prompt=False)`` only reads env, settings and netrc)."""
+    import wandb
+
+    return bool(wandb.login(verify=False, prompt=False))
 
 
-def log_resolved_config(logger: Logger, cfg: DictConfig) -> None:
-    """Log the fully resolved config, so the dashboard shows values, not ${...}."""
-    logger.log_hyperparams(resolved_config(cfg))
+def wandb_offline(configured: bool | None) -> bool:
+    """``logger.wandb.offline``: forced when true/false; null leaves it to wandb's rules."""
+    if configured is not None:
+        return bool(configured)
+    if os.environ.get("WANDB_MODE"):  # wandb.init reads it itself
+        return False
+    return not wandb_has_credentials()
+
+
+def wandb_run_id(run_dir: Path, resuming: bool) -> str:
+    """The W&B run id of this run dir: the stored one when the run resumes, a new one when
+    it starts from scratch (so a retrained run never appends to the old run's curves)."""
+    stored = run_dir / WANDB_ID_FILE
+    if resuming and stored.is_file():
+        return stored.read_text().strip()
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+def wandb_arguments(node: DictConfig, run_dir: Path, resuming: bool, tags: list[str]) -> dict[str, Any]:
+    """Constructor arguments decided at run time: mode, id, and the run's own tags."""
+    offline = wandb_offline(node.get("offline"))
+    if offline and node.get("log_model"):
+        raise ConfigError(
+            "logger.wandb.log_model", node.get("log_model"),
+            "checkpoints can be uploaded as artifacts only online: log in to W&B (wandb login, or "
+            "WANDB_API_KEY) or set logger.wandb.log_model=false",
+        )
+    return {
+        "offline": offline,
+        "id": wandb_run_id(run_dir, resuming),
+        "resume": "allow",
+        "tags": [*(node.get("tags") or []), *tags],
+    }
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> list[Logger]:
+    """Every logger of the ``logger`` group (``logger=many``: csv, tensorboard and wandb)."""
+    loggers: list[Logger] = []
+    for name, node in (cfg.get("logger") or {}).items():
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            raise ConfigError(f"logger.{name}", node, "each logger is a node with a _target_ (see conf/logger/)")
+        extra = wandb_arguments(node, run_dir, resuming, list(cfg.get("tags") or [])) if is_wandb(node) else {}
+        loggers.append(instantiate(node, **extra))
+    return loggers
+
+
+def start_loggers(loggers: list[Logger], cfg: DictConfig, run_dir: Path) -> None:
+    """Once the run is known to go ahead: log the resolved config (so every dashboard shows
+    exactly ``config_resolved.yaml``) and keep the W&B id for a later resume."""
+    params = resolved_config(cfg)
+    for logger in loggers:
+        if type(logger).__name__ == "TensorBoardLogger" and rank_zero_only.rank == 0:
+            # Lightning writes tensorboard/hparams.yaml only when absent: a resumed run
+            # would keep the first attempt's config
+            Path(logger.log_dir, "hparams.yaml").unlink(missing_ok=True)
+        logger.log_hyperparams(params)
+        if type(logger).__name__ == "WandbLogger" and rank_zero_only.rank == 0:
+            (run_dir / WANDB_ID_FILE).write_text(str(logger.experiment.id))
 
 
 def finish_wandb(loggers: list[Logger]) -> None:
@@ -48,13 +108,26 @@ def finish_wandb(loggers: list[Logger]) -> None:
                 wandb.finish()
 
 
+class WatchModel(Callback):
+    """Opt-in (``callbacks=[default,watch_model]``): W&B histograms of the network's
+    gradients (and weights with ``log=all``) every ``log_freq`` steps."""
+
+    def __init__(self, log: str = "gradients", log_freq: int = 100) -> None:
+        self.log, self.log_freq = log, log_freq
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                logger.watch(pl_module.net, log=self.log, log_freq=self.log_freq, log_graph=False)
+
+
 def log_table_to_wandb(
     columns: list[str], rows: list[list[Any]], *, project: str, group: str, title: str, save_dir: str
 ) -> str:
     """Log the results table as a W&B table in its own run of the sweep's group."""
     import wandb
 
-    mode = "online" if wandb_api_key_configured() else "offline"
+    mode = "offline" if wandb_offline(None) else None
     run = wandb.init(project=project, group=group, job_type="table", name=f"{group}/table", mode=mode,
                      config={"title": title}, dir=save_dir)
     try:

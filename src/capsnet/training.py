@@ -21,19 +21,21 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+from torch import Tensor
 
-from capsnet.builders import build_datamodule, build_logger, build_module
+from capsnet.builders import build_datamodule, build_module
+from capsnet.config_tree import print_config_tree
 from capsnet.figures import write_run_figures
 from capsnet.history import EpochHistory, read_history, summarize
 from capsnet.module import RUN_SIGNATURE_KEY
 from capsnet.run_record import git_commit, read_metrics, resolved_config, save_resolved_config, write_metrics
 from capsnet.schema import ConfigError, validate_config
 from capsnet.signature import SCHEDULE_LENGTH_KEYS, ResumeMismatchError, differences, run_signature
-from capsnet.tracking import finish_wandb, log_resolved_config
+from capsnet.tracking import build_loggers, finish_wandb, start_loggers
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +46,11 @@ BEST = "best"
 
 def run_identity(cfg: DictConfig) -> dict[str, Any]:
     """The fields that say which cell of the results table a run belongs to."""
-    is_capsnet = cfg.model.name == "capsnet"
+    is_capsnet = "routing_iterations" in cfg.model  # CapsNet and its variants
     return {
         "model": cfg.model.name,
         "data": cfg.data.name,
-        "routing_iters": int(cfg.routing.iters) if is_capsnet else None,
+        "routing_iters": int(cfg.model.routing_iterations) if is_capsnet else None,
         "recon": bool(cfg.recon) if is_capsnet else None,
         "seed": int(cfg.seed),
         "profile": cfg.profile_name,
@@ -62,58 +64,75 @@ def is_redundant_baseline(cfg: DictConfig) -> bool:
     return cfg.model.name == "baseline" and (int(cfg.routing.iters), bool(cfg.recon)) != (3, True)
 
 
-class RunDirCheckpoint(ModelCheckpoint):
-    """A ModelCheckpoint that keeps its best score when its run dir was moved or synced.
-
-    Lightning restores ``best_model_score`` only when the stored dirpath equals the new one;
-    otherwise the next validation would overwrite best.ckpt however bad it is.  The stored
-    paths are re-rooted in the new dir instead.
-    """
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        old, new = state_dict.get("dirpath"), self.dirpath
-        if old and new and old != new:
-            def moved(path: Any) -> Any:
-                return str(Path(new) / Path(path).name) if path else path
-
-            state_dict = {
-                **state_dict, "dirpath": new,
-                **{k: moved(state_dict.get(k)) for k in ("best_model_path", "kth_best_model_path", "last_model_path")},
-                "best_k_models": {moved(k): v for k, v in state_dict.get("best_k_models", {}).items()},
-            }
-        super().load_state_dict(state_dict)
+def _callbacks(cfg: DictConfig, has_logger: bool) -> dict[str, Callback]:
+    """The ``callbacks`` group, instantiated, less what the trainer config turns off:
+    ``trainer.enable_progress_bar=false`` and ``trainer.enable_model_summary=false`` win over
+    the group (Lightning would refuse the pair), and the learning-rate monitor needs a
+    logger (``logger=none`` is a valid choice)."""
+    built = {name: instantiate(node) for name, node in (cfg.get("callbacks") or {}).items()}
+    off = [kind for kind, is_off in ((LearningRateMonitor, not has_logger),
+                                     (ProgressBar, cfg.trainer.get("enable_progress_bar") is False),
+                                     (ModelSummary, cfg.trainer.get("enable_model_summary") is False)) if is_off]
+    return {name: cb for name, cb in built.items() if not isinstance(cb, tuple(off))}
 
 
-def _checkpoints(cfg: DictConfig, ckpt_dir: Path) -> tuple[ModelCheckpoint, ModelCheckpoint]:
-    best = RunDirCheckpoint(
-        dirpath=ckpt_dir, filename=BEST, monitor="val/error", mode="min",
-        save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False,
-    )
-    periodic = ModelCheckpoint(
-        dirpath=ckpt_dir, save_last=True, save_top_k=0,
-        every_n_train_steps=int(cfg.checkpoint.every_n_steps), enable_version_counter=False,
-    )
-    return best, periodic
+def _best_checkpoint_callback(callbacks: dict[str, Callback], ckpt_dir: Path) -> ModelCheckpoint | None:
+    """The monitored checkpoint (``callbacks.model_checkpoint``), which must write into this
+    run's own checkpoints dir: resume, test and the table look for it there."""
+    best = callbacks.get("model_checkpoint")
+    if best is None:
+        return None
+    if not isinstance(best, ModelCheckpoint) or best.monitor is None:
+        raise ConfigError("callbacks.model_checkpoint", type(best).__name__,
+                          "must be a ModelCheckpoint with a monitor (see conf/callbacks/model_checkpoint.yaml)")
+    if best.dirpath is None or Path(best.dirpath).resolve() != ckpt_dir.resolve():
+        raise ConfigError("callbacks.model_checkpoint.dirpath", best.dirpath,
+                          f"must be this run's checkpoints dir ({ckpt_dir}): resume and test read it")
+    return best
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, ModelCheckpoint]:
-    """The Trainer of ``cfg.trainer`` with capsnet's checkpoints and any ``callbacks``.
+def build_trainer(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> tuple[L.Trainer, ModelCheckpoint | None]:
+    """The Trainer of ``cfg.trainer`` with the ``callbacks`` and ``logger`` groups, plus
+    capsnet's own EpochHistory (history.csv).  Returns it with the best-checkpoint callback.
 
     Under SLURM, submitit owns requeueing (``hydra.launcher.max_num_timeout``); Lightning's
     own SIGUSR1 requeue is turned off so the two never both requeue one job.
     """
-    best, periodic = _checkpoints(cfg, run_dir / CHECKPOINT_DIR)
-    extra = [instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
-    kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
+    loggers = build_loggers(cfg, run_dir, resuming)
+    callbacks = _callbacks(cfg, has_logger=bool(loggers))
+    best = _best_checkpoint_callback(callbacks, run_dir / CHECKPOINT_DIR)
+    # nested _target_ nodes (e.g. trainer.profiler) become objects; the rest stays as is
+    kwargs: dict[str, Any] = instantiate(cfg.trainer, _convert_="all")
     plugins = list(kwargs.pop("plugins", None) or [])
     if SLURMEnvironment.detect():
         plugins.append(SLURMEnvironment(auto_requeue=False))
     history = EpochHistory(run_dir, global_batch=int(cfg.data.batch_size))
     trainer = L.Trainer(
-        **kwargs, plugins=plugins or None, callbacks=[best, periodic, history, *extra], logger=build_logger(cfg),
+        **kwargs, plugins=plugins or None, callbacks=[*callbacks.values(), history], logger=loggers or False,
         default_root_dir=str(run_dir),
     )
     return trainer, best
+
+
+def read_warm_start(path: Path, module: L.LightningModule) -> dict[str, Tensor]:
+    """``ckpt_path``: the network weights of a capsnet checkpoint, checked against this
+    run's network before training (same keys, same shapes) so a mismatch is refused early."""
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=False)
+        state = {k: v for k, v in raw["state_dict"].items() if k.startswith("net.")}
+    except Exception as error:  # unreadable, or not a Lightning checkpoint: one message
+        raise ConfigError("ckpt_path", str(path), f"not a readable capsnet checkpoint ({error})") from error
+    own = {k: v.shape for k, v in module.state_dict().items() if k.startswith("net.")}
+    theirs = {k: v.shape for k, v in state.items()}
+    if own != theirs:
+        missing, unexpected = sorted(own.keys() - theirs.keys()), sorted(theirs.keys() - own.keys())
+        shapes = [f"{k}: {tuple(theirs[k])} vs {tuple(own[k])}" for k in own.keys() & theirs.keys() if own[k] != theirs[k]]
+        raise ConfigError(
+            "ckpt_path", str(path),
+            f"its network does not fit this run's model/data (missing {missing[:4]}, unexpected {unexpected[:4]}, "
+            f"shapes checkpoint vs run {shapes[:4]})",
+        )
+    return state
 
 
 def apply_matmul_precision(precision: str | None) -> None:
@@ -197,12 +216,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         datamodule = build_datamodule(cfg)
         datamodule.prepare_data()
         apply_matmul_precision(cfg.perf.matmul_precision)
-        trainer, best = build_trainer(cfg, run_dir)
+        resume_from = ckpt_dir / LAST if cfg.resume and (ckpt_dir / LAST).is_file() else None
+        trainer, best = build_trainer(cfg, run_dir, resuming=resume_from is not None)
         check_parallel_setup(cfg, trainer)
         signature = run_signature(resolved_config(cfg), trainer.world_size)
         previous = read_metrics(run_dir)
-        resume_from = ckpt_dir / LAST if cfg.resume and (ckpt_dir / LAST).is_file() else None
         check_same_run(run_dir, signature, previous if cfg.resume else None, resume_from)
+        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+        module = build_module(cfg, datamodule)
+        module.run_signature = signature
+        warm_start = read_warm_start(Path(cfg.ckpt_path), module) if cfg.ckpt_path and resume_from is None else None
 
     identity = {**run_identity(cfg), "world_size": trainer.world_size, "global_batch": int(cfg.data.batch_size),
                 "precision": str(cfg.trainer.precision), "signature": signature}
@@ -216,14 +239,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return record
 
     started = time.time()
+    if trainer.is_global_zero:
+        print_config_tree(cfg, run_dir)
     save_resolved_config(cfg, run_dir)
-    record: dict[str, Any] = {**identity, "git_commit": git_commit(), "status": "running"}
+    record: dict[str, Any] = {**identity, "git_commit": git_commit(), "status": "running", "tags": list(cfg.tags)}
     try:
-        for logger in trainer.loggers:
-            log_resolved_config(logger, cfg)
-        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-        module = build_module(cfg, datamodule)
-        module.run_signature = signature
+        start_loggers(trainer.loggers, cfg, run_dir)
+        if warm_start is not None:
+            module.load_state_dict(warm_start, strict=False)
+            log.info("starting from the weights of %s", cfg.ckpt_path)
+            record["warm_start"] = str(cfg.ckpt_path)
         if resume_from is not None:
             log.info("resuming from %s", resume_from)
             record["resumed_from"] = str(resume_from)
@@ -236,9 +261,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if cfg.figures and trainer.is_global_zero:
             source = f"weights of {best_path.name}" + (", lowest validation error" if best_path.stem == BEST else "")
             record["figures"] = [p.name for p in _write_figures(module, datamodule, run_dir, trainer, source)]
+        best_score = best.best_model_score if best is not None else None
         record.update(
             status="completed",
-            val_error=float(best.best_model_score) if best.best_model_score is not None else None,
+            val_error=float(best_score) if best_score is not None else None,
             val_examples=int(val_examples) if val_examples is not None else None,
             best_checkpoint=str(best_path),
         )
@@ -256,13 +282,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return record
 
 
-def best_checkpoint(best: ModelCheckpoint, ckpt_dir: Path) -> Path:
+def best_checkpoint(best: ModelCheckpoint | None, ckpt_dir: Path) -> Path:
     """The best-validation checkpoint, always resolved inside this run's own dir.
 
     Only a run that never validated has none; it is then tested on last.ckpt.  A best
     checkpoint that is recorded but missing is an error, never a silent fallback.
     """
-    if not best.best_model_path:
+    if best is None or not best.best_model_path:
         log.warning("no validation ran, so there is no best checkpoint: testing %s", ckpt_dir / LAST)
         return ckpt_dir / LAST
     path = ckpt_dir / Path(best.best_model_path).name

@@ -68,3 +68,29 @@ class ZeroWeightsAt(L.Callback):
             with torch.no_grad():
                 for parameter in pl_module.parameters():
                     parameter.zero_()
+
+
+class BatchDigests(L.Callback):
+    """Appends, per training batch, ``[epoch, sum of images, sum of labels]`` to ``path``
+    (JSON lines): enough to tell whether two epochs trained on the same batches."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        row = [trainer.current_epoch, round(float(batch[0].double().sum()), 6), int(batch[1].sum())]
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+
+class WeightsAtStart(L.Callback):
+    """Saves the network's weights as training starts (after any warm start or resume)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import torch
+
+        torch.save({k: v.detach().cpu().clone() for k, v in pl_module.net.state_dict().items()}, self.path)

@@ -13,6 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 from capsnet.table import build_table, load_records, to_markdown
 from capsnet.training import run
 from conftest import CONF, run_cli
+from wandb_log import wait_for_bytes
 
 TINY = ["trainer.limit_train_batches=1", "data.batch_size=8", "data.val_subset=16", "data.test_subset=16", "figures=false"]
 
@@ -21,16 +22,6 @@ def _compose(*overrides: str):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
-
-
-def _wait_for_bytes(path: Path, needles: tuple[bytes, ...], timeout: float = 60.0) -> bytes:
-    """W&B's service process writes the .wandb log asynchronously: wait until it is flushed."""
-    deadline = time.time() + timeout
-    while True:
-        content = path.read_bytes()
-        if all(needle in content for needle in needles) or time.time() > deadline:
-            return content
-        time.sleep(0.5)
 
 
 def test_table1_declares_the_whole_grid() -> None:
@@ -77,36 +68,6 @@ def test_smoke_table1_sweep_builds_the_table(tmp_path: Path, mnist_dir: Path) ->
     assert "already completed; skipping" in rerun.stderr + rerun.stdout
 
 
-def test_wandb_offline_writes_local_run_files(make_cfg, monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no key configured
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_home"))
-    cfg = make_cfg("logger=wandb", "trainer.limit_train_batches=1", "data.val_subset=16", "data.test_subset=16")
-    record = run(cfg)
-    assert record["status"] == "completed", record
-    run_files = list((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(run_files) == 1 and run_files[0].stat().st_size > 0
-    logged = _wait_for_bytes(run_files[0], (b"routing", b"val/error"))
-    assert b"routing" in logged and b"val/error" in logged  # resolved config and metrics
-    images = list(run_files[0].parent.glob("files/media/images/*.png"))
-    figures = list((Path(cfg.paths.output_dir) / "figures").glob("*.png"))
-    assert "reconstructions.png" in {p.name for p in figures}
-    assert len(images) == len(figures)  # every figure, reconstructions included, logged as an image
-
-
-@pytest.mark.parametrize("configured", [False, True])
-def test_wandb_goes_offline_without_a_key(configured: bool, monkeypatch, tmp_path: Path) -> None:
-    from capsnet.tracking import wandb_overrides
-
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    if configured:
-        monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    assert wandb_overrides({"offline": None}) == {"offline": not configured}
-    assert wandb_overrides({"offline": True}) == {"offline": True}
-
-
 def test_table_logged_to_wandb_offline(monkeypatch, tmp_path: Path) -> None:
     from capsnet.table import main
 
@@ -121,4 +82,4 @@ def test_table_logged_to_wandb_offline(monkeypatch, tmp_path: Path) -> None:
         "profile": "smoke", "status": "completed", "test_error": 0.5}))
     main([str(tmp_path / "runs"), "--out", str(tmp_path / "results"), "--wandb"])
     (run_file,) = (tmp_path / "results" / "wandb").glob("offline-run-*/run-*.wandb")
-    assert b"table1" in _wait_for_bytes(run_file, (b"table1",))
+    assert b"table1" in wait_for_bytes(run_file, (b"table1",))

@@ -32,3 +32,13 @@ def test_differences_name_each_key_and_may_ignore_the_schedule_length() -> None:
     assert differences(before, after, ignore=SCHEDULE_LENGTH_KEYS) == [
         "trainer.precision: '32-true' -> 'bf16-mixed'", "world_size: 1 -> 2"]
     assert differences(before, before) == []
+
+
+def test_run_names_are_one_short_dir_level_and_a_pure_function_of_the_command() -> None:
+    from capsnet.schema import MAX_RUN_NAME, run_name
+
+    assert run_name("") == "defaults"
+    assert run_name("ckpt_path=outputs/a/best.ckpt,seed=1") == "ckpt_path=outputs_a_best.ckpt,seed=1"
+    long_a, long_b = ",".join(f"optim.lr={i / 7}" for i in range(20)), ",".join(f"optim.lr={i / 9}" for i in range(20))
+    assert len(run_name(long_a)) <= MAX_RUN_NAME and run_name(long_a) == run_name(long_a)
+    assert run_name(long_a) != run_name(long_b) and run_name(long_a).startswith(long_a[:120])

@@ -34,6 +34,8 @@ class TrainBatches:
         seed: the order's seed (each epoch reshuffles).
         position: returns ``(epoch, first_batch)``; the trainer's progress during fit.
         rank, world_size: this process among the data-parallel ones.
+        fixed_batches: train on only the first N global batches of epoch 0's order, the same
+            ones every epoch (``debug=overfit``).
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class TrainBatches:
         position: Position | None = None,
         rank: int = 0,
         world_size: int = 1,
+        fixed_batches: int | None = None,
     ) -> None:
         assert batch_size > 0, f"batch_size must be positive, got {batch_size}"
         assert batch_size % world_size == 0, (
@@ -57,9 +60,11 @@ class TrainBatches:
         self.batch_size, self.seed, self.position = batch_size, seed, position
         self.rank, self.world_size = rank, world_size
         self.per_rank = batch_size // world_size
+        self.fixed_batches = fixed_batches
 
     def __len__(self) -> int:
-        return len(self.tensors[0]) // self.batch_size
+        full = len(self.tensors[0]) // self.batch_size
+        return full if self.fixed_batches is None else min(full, self.fixed_batches)
 
     def order(self, epoch: int) -> Tensor:
         """The global example order of ``epoch`` (the same on every rank and device)."""
@@ -69,7 +74,7 @@ class TrainBatches:
     def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         epoch, start = self.position() if self.position is not None else (0, 0)
         # One host-to-device copy per epoch; every batch below is sliced on the device.
-        order = self.order(epoch).to(self.tensors[0].device)
+        order = self.order(0 if self.fixed_batches else epoch).to(self.tensors[0].device)
         for batch in range(max(start, 0), len(self)):
             first = batch * self.batch_size + self.rank * self.per_rank
             idx = order[first : first + self.per_rank]

@@ -103,6 +103,7 @@ class MNISTDataModule(L.LightningDataModule):
         train_subset: int | None = None,
         val_subset: int | None = None,
         test_subset: int | None = None,
+        overfit_batches: int | None = None,
     ) -> None:
         super().__init__()
         self.data_dir = data_dir
@@ -110,6 +111,7 @@ class MNISTDataModule(L.LightningDataModule):
         self.val_size, self.split_seed, self.seed = val_size, split_seed, seed
         self.max_shift, self.canvas_size = max_shift, canvas_size
         self.train_subset, self.val_subset, self.test_subset = train_subset, val_subset, test_subset
+        self.overfit_batches = overfit_batches
         self.train_set: tuple[Tensor, Tensor] | None = None
         self._on_device: dict[tuple[str, str], tuple[Tensor, ...]] = {}
 
@@ -157,7 +159,7 @@ class MNISTDataModule(L.LightningDataModule):
         rank, world = self._rank()
         return TrainBatches(
             self.on_device("train", tensors), batch_size=self.batch_size, seed=self.seed,
-            position=self._position, rank=rank, world_size=world,
+            position=self._position, rank=rank, world_size=world, fixed_batches=self.overfit_batches,
         )
 
     def _eval_loader(self, name: str, tensors: tuple[Tensor, ...]) -> EvalBatches:
