@@ -16,13 +16,13 @@ JOBS_PER_GPU ?= 1
 WANDB ?=
 
 REPORT_DIRS ?= $(addprefix multirun/,$(EXPERIMENTS))
-.PHONY: install train test test-slow test-gpu bench reproduce-table report clean
+.PHONY: install train test test-slow test-gpu lint format bench reproduce-table reproduce-cifar10 report clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dev,launchers,affnist,optuna]'
+	$(PY) -m pip install -q -e '.[dev,launchers,optuna]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -36,6 +36,15 @@ train: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The same checks as .pre-commit-config.yaml; CI runs them before the tests.
+lint: install
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+
+format: install
+	$(VENV)/bin/ruff check --fix src tests bench
+	$(VENV)/bin/ruff format src tests bench
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
@@ -55,6 +64,13 @@ reproduce-table: install
 	    $(if $(WANDB),logger=wandb) $(ARGS) || exit 1; \
 	done
 	$(PY) -m capsnet.table $(addprefix multirun/,$(EXPERIMENTS)) --out results --profile $(PROFILE) $(if $(WANDB),--wandb)
+
+# §7 CIFAR-10: the 7-member sweep, the ensemble's evaluation, then the table (results/cifar10/).
+reproduce-cifar10: install
+	$(PY) src/train.py experiment=cifar10 profile=$(PROFILE) \
+	  $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) $(if $(filter ray_gpus,$(LAUNCHER)),hydra.launcher.jobs_per_gpu=$(JOBS_PER_GPU)) $(ARGS)
+	$(PY) src/eval.py data=cifar10 "ckpt_path='multirun/cifar10/*/checkpoints/best.ckpt'" hydra.run.dir=multirun/cifar10/ensemble figures=false
+	$(PY) -m capsnet.table multirun/cifar10 --out results/cifar10 --profile $(PROFILE)
 
 # results/REPORT.md: the table, learning curves and the best runs' figures, from REPORT_DIRS.
 report: install

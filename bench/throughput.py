@@ -28,10 +28,9 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from plain_capsnet import PlainCapsNet, copy_weights
-
 from capsnet.losses import margin_loss, reconstruction_loss
 from capsnet.models import CapsNet
+from plain_capsnet import PlainCapsNet, copy_weights
 
 
 # --------------------------------------------------------------------------------------
@@ -99,8 +98,10 @@ def build_variant(name: str, iterations: int, device: torch.device) -> tuple[nn.
     if "channels_last" in name:
         model = model.to(memory_format=torch.channels_last)
     if "bf16" in name:
+
         def autocast() -> torch.autocast:
             return torch.autocast(device.type, dtype=torch.bfloat16)
+
     if "compile" in name:  # as perf.compile does: each sub-network, state-dict keys unchanged
         for child in model.children():
             child.compile()
@@ -119,7 +120,12 @@ def loss_of(lengths: Tensor, recon: Tensor, x: Tensor, y: Tensor) -> Tensor:
 
 
 def measure_variant(
-    variant: str, iterations: int, reference: CapsNet, x: Tensor, y: Tensor, device: torch.device,
+    variant: str,
+    iterations: int,
+    reference: CapsNet,
+    x: Tensor,
+    y: Tensor,
+    device: torch.device,
     args: argparse.Namespace,
 ) -> dict[str, float]:
     """Images/s for training and inference, peak memory and the first loss of one variant."""
@@ -173,7 +179,9 @@ def processor() -> str:
 def bench(args: argparse.Namespace) -> None:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name} | torch {torch.__version__} | batch {args.batch} | median of {args.repeats} after {args.warmup} warm-up")
+    print(
+        f"device: {name} | torch {torch.__version__} | batch {args.batch} | median of {args.repeats} after {args.warmup} warm-up"
+    )
     print(f"processor: {processor()}")
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(args.batch, 1, 28, 28, generator=generator).to(device)
@@ -201,7 +209,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--iters", type=int, nargs="+", default=[1, 3])
-    parser.add_argument("--variants", nargs="+", default=["default", "channels_last", "bf16", "compile", "compile+bf16"])
+    parser.add_argument(
+        "--variants", nargs="+", default=["default", "channels_last", "bf16", "compile", "compile+bf16"]
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="auto")

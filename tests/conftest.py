@@ -27,9 +27,7 @@ def mnist_dir() -> Path:
     """The real MNIST root.  Tests that need it fail (never skip) when it is absent."""
     root = os.environ.get("CAPSNET_DATA_DIR")
     if not root or not (Path(root) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
-        pytest.fail(
-            "real MNIST not found: set CAPSNET_DATA_DIR to a folder holding MNIST/raw/*-ubyte"
-        )
+        pytest.fail("real MNIST not found: set CAPSNET_DATA_DIR to a folder holding MNIST/raw/*-ubyte")
     return Path(root)
 
 
@@ -59,9 +57,18 @@ def make_cfg(tmp_path: Path, mnist_dir: Path) -> Callable[..., DictConfig]:
 def run_cli(script: str, *args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess[str]:
     """Run src/<script> in a subprocess, as a user would."""
     # tests/ on the path: runs can load the tests' own callbacks (tests/apps) by _target_.
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "WANDB_MODE": "disabled",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")])),
+    }
     return subprocess.run(
         [sys.executable, str(ROOT / "src" / script), *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )

@@ -97,7 +97,9 @@ class PerStepSyncs(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.audit.label = trainer.global_step
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         for optimizer in trainer.optimizers:
             for state in optimizer.state.values():
                 if isinstance(state.get("step"), torch.Tensor):

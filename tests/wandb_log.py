@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+
 def wait_for_bytes(path: Path, needles: tuple[bytes, ...], timeout: float = 60.0) -> bytes:
     """W&B's service process writes the .wandb log asynchronously: wait until it is flushed."""
     deadline = time.time() + timeout
@@ -38,11 +39,11 @@ def records(path: Path) -> list[bytes]:
         if left_in_block < HEADER:  # block trailer padding
             pos += left_in_block
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
         if kind == 0 and length == 0:
             pos += left_in_block
             continue
-        chunk = data[pos + HEADER:pos + HEADER + length]
+        chunk = data[pos + HEADER : pos + HEADER + length]
         pos += HEADER + length
         if kind == 1:
             out.append(chunk)

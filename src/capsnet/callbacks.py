@@ -19,11 +19,13 @@ class RunDirCheckpoint(ModelCheckpoint):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         old, new = state_dict.get("dirpath"), self.dirpath
         if old and new and old != new:
+
             def moved(path: Any) -> Any:
                 return str(Path(new) / Path(path).name) if path else path
 
             state_dict = {
-                **state_dict, "dirpath": new,
+                **state_dict,
+                "dirpath": new,
                 **{k: moved(state_dict.get(k)) for k in ("best_model_path", "kth_best_model_path", "last_model_path")},
                 "best_k_models": {moved(k): v for k, v in state_dict.get("best_k_models", {}).items()},
             }

@@ -54,20 +54,32 @@ def write_curves(table: dict[str, Any], out_dir: Path, label_of, paper_of) -> li
             seeds = max(len(v) for v in by_epoch.values())
             axes.plot(epochs, mean, marker="o", markersize=3, color=colour, label=f"{label_of(row)} (n={seeds})")
             if seeds > 1:
-                axes.fill_between(epochs, [min(v) for v in by_epoch.values()], [max(v) for v in by_epoch.values()],
-                                  color=colour, alpha=0.2, linewidth=0)
+                axes.fill_between(
+                    epochs,
+                    [min(v) for v in by_epoch.values()],
+                    [max(v) for v in by_epoch.values()],
+                    color=colour,
+                    alpha=0.2,
+                    linewidth=0,
+                )
             paper = paper_of(column, row)
             if paper is not None:
-                axes.axhline(paper, color=colour, linestyle="--", linewidth=1,
-                             label=f"paper, test error after full training: {paper:g}%")
+                axes.axhline(
+                    paper,
+                    color=colour,
+                    linestyle="--",
+                    linewidth=1,
+                    label=f"paper, test error after full training: {paper:g}%",
+                )
         axes.set_yscale("log")
         axes.yaxis.set_major_formatter(FormatStrFormatter("%g"))
         axes.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_xlabel("epochs trained")
         axes.set_ylabel("validation error (%, log scale)")
-        axes.set_title(f"{title}: validation error per epoch (profile {profiles})\n"
-                       "line: mean over seeds; band: best to worst seed")
+        axes.set_title(
+            f"{title}: validation error per epoch (profile {profiles})\nline: mean over seeds; band: best to worst seed"
+        )
         axes.grid(True, which="both", alpha=0.3)
         axes.legend(fontsize=8)
         figure.tight_layout()

@@ -19,9 +19,23 @@ from capsnet.routing import dynamic_routing
 PERTURBATIONS = torch.arange(-0.25, 0.25 + 1e-9, 0.05)  # 11 steps, §5.1 / Fig. 4
 
 
+def displayable(images: Tensor) -> Tensor:
+    """[N, C, H, W] as pictures: pixels in [0, 1] as they are; standardised images (CIFAR-10)
+    rescaled per image to [0, 1]; a stereo pair (2 channels, smallNORB) as its two views
+    side by side in grey."""
+    images = images.detach().float().cpu()
+    if images.shape[1] == 2:
+        images = torch.cat([images[:, :1], images[:, 1:]], dim=-1)
+    if images.numel() and (images.min() < 0 or images.max() > 1):
+        low = images.amin(dim=(1, 2, 3), keepdim=True)
+        high = images.amax(dim=(1, 2, 3), keepdim=True)
+        images = (images - low) / (high - low).clamp(min=1e-8)
+    return images
+
+
 def grid(images: Tensor, nrow: int) -> Tensor:
-    """[N, C, H, W] in [0, 1] → one [3, H', W'] image, 2 px white separators."""
-    return make_grid(images.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=2, pad_value=1.0)
+    """[N, C, H, W] → one [3, H', W'] image, 2 px white separators (see :func:`displayable`)."""
+    return make_grid(displayable(images).clamp(0, 1), nrow=nrow, padding=2, pad_value=1.0)
 
 
 @torch.no_grad()
@@ -88,8 +102,9 @@ def plot_routing_convergence(changes: Tensor, path: Path, source: str = "") -> P
     ax.yaxis.set_minor_formatter(FormatStrFormatter("%.4g"))
     ax.set_xlabel("routing iterations r")
     ax.set_ylabel("mean |c(r) − c(r−1)| (log scale)")
-    ax.set_title("Routing convergence: change of the coupling coefficients" + (f"\n({source})" if source else ""),
-                 fontsize=9)
+    ax.set_title(
+        "Routing convergence: change of the coupling coefficients" + (f"\n({source})" if source else ""), fontsize=9
+    )
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -108,11 +123,20 @@ SAMPLE_TITLES = {
     "test": "test digits",
     "expanded": "expanded-MNIST test digits (40×40, seeded positions)",
     "affnist": "affine-transformed test digits (affNIST-style set)",
+    "train_center": "training images, central crop (the test-time view; training crops are random)",
+    "test_images": "test images as the network sees them",
 }
 
 
-def save_labelled(image: Tensor, path: Path, title: str, *, rows: list[str] | None = None,
-                  columns: list[str] | None = None, legend: list[tuple[str, str]] | None = None) -> Path:
+def save_labelled(
+    image: Tensor,
+    path: Path,
+    title: str,
+    *,
+    rows: list[str] | None = None,
+    columns: list[str] | None = None,
+    legend: list[tuple[str, str]] | None = None,
+) -> Path:
     """Save an image grid (from :func:`grid`) with a title, row and column labels and a
     legend of colours, so the figure says what it shows without the code beside it."""
     import matplotlib
@@ -136,8 +160,14 @@ def save_labelled(image: Tensor, path: Path, title: str, *, rows: list[str] | No
         step = width / len(columns)
         axes.set_xticks([step * (i + 0.5) for i in range(len(columns))], columns, fontsize=7)
     if legend:
-        axes.legend(handles=[Patch(color=colour, label=label) for label, colour in legend], fontsize=7,
-                    loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=len(legend), frameon=False)
+        axes.legend(
+            handles=[Patch(color=colour, label=label) for label, colour in legend],
+            fontsize=7,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.02),
+            ncol=len(legend),
+            frameon=False,
+        )
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
@@ -147,7 +177,10 @@ def save_labelled(image: Tensor, path: Path, title: str, *, rows: list[str] | No
 
 @torch.no_grad()
 def write_run_figures(
-    net: torch.nn.Module, batches: dict[str, tuple[Tensor, ...]], out_dir: Path, task: str,
+    net: torch.nn.Module,
+    batches: dict[str, tuple[Tensor, ...]],
+    out_dir: Path,
+    task: str,
     source: str = "the model's current weights",
 ) -> list[Path]:
     """Data samples for every named batch, then the model figures on the first batch.
@@ -159,8 +192,13 @@ def write_run_figures(
         title = SAMPLE_TITLES.get(name, f"{name} samples")
         written.append(save_labelled(grid(batch[0][:32], nrow=8), out_dir / f"samples_{name}.png", title))
         if task == "multi":
-            written.append(save_labelled(grid(batch[2][:8].flatten(0, 1), nrow=8), out_dir / f"samples_{name}_parts.png",
-                                         f"{title}: the two digits of each composite, side by side (1st+2nd, 3rd+4th, ...)"))
+            written.append(
+                save_labelled(
+                    grid(batch[2][:8].flatten(0, 1), nrow=8),
+                    out_dir / f"samples_{name}_parts.png",
+                    f"{title}: the two digits of each composite, side by side (1st+2nd, 3rd+4th, ...)",
+                )
+            )
     if not isinstance(net, CapsNet) or net.decoder is None:
         return written
     net.eval()
@@ -171,23 +209,35 @@ def write_run_figures(
         top2 = poses.norm(dim=-1).topk(2, dim=1).indices
         first, second = net.reconstruct(poses, top2[:, 0]), net.reconstruct(poses, top2[:, 1])
         overlay = overlay_reconstructions(images, first, second)
-        written.append(save_labelled(
-            grid(torch.cat([images.expand(-1, 3, -1, -1), overlay]), nrow=8),
-            out_dir / "reconstructions_multimnist.png",
-            f"MultiMNIST reconstructions from the two longest digit capsules\n({source})",
-            rows=["input", "reconstructions"],
-            legend=[("longest capsule's digit", "red"), ("second longest", "green"), ("input", "grey")]))
+        written.append(
+            save_labelled(
+                grid(torch.cat([images.expand(-1, 3, -1, -1), overlay]), nrow=8),
+                out_dir / "reconstructions_multimnist.png",
+                f"MultiMNIST reconstructions from the two longest digit capsules\n({source})",
+                rows=["input", "reconstructions"],
+                legend=[("longest capsule's digit", "red"), ("second longest", "green"), ("input", "grey")],
+            )
+        )
         return written
-    written.append(save_labelled(
-        reconstructions_beside_inputs(net, images), out_dir / "reconstructions.png",
-        f"Reconstructions, decoder masked by the predicted class (longest capsule)\n({source})",
-        rows=["input", "reconstruction"]))
+    written.append(
+        save_labelled(
+            reconstructions_beside_inputs(net, images),
+            out_dir / "reconstructions.png",
+            f"Reconstructions, decoder masked by the predicted class (longest capsule)\n({source})",
+            rows=["input", "reconstruction"],
+        )
+    )
     decoded = dimension_perturbation(net, images[:1])
-    written.append(save_labelled(
-        grid(decoded, nrow=len(PERTURBATIONS)), out_dir / "dimension_perturbation.png",
-        f"Each dimension of the predicted capsule moved by Δ\n({source})",
-        rows=[f"dim {d + 1}" for d in range(decoded.shape[0] // len(PERTURBATIONS))],
-        columns=[f"{float(delta):+.2f}" for delta in PERTURBATIONS]))
-    written.append(plot_routing_convergence(routing_convergence(net, images), out_dir / "routing_convergence.png",
-                                            source))
+    written.append(
+        save_labelled(
+            grid(decoded, nrow=len(PERTURBATIONS)),
+            out_dir / "dimension_perturbation.png",
+            f"Each dimension of the predicted capsule moved by Δ\n({source})",
+            rows=[f"dim {d + 1}" for d in range(decoded.shape[0] // len(PERTURBATIONS))],
+            columns=[f"{float(delta):+.2f}" for delta in PERTURBATIONS],
+        )
+    )
+    written.append(
+        plot_routing_convergence(routing_convergence(net, images), out_dir / "routing_convergence.png", source)
+    )
     return written

@@ -27,7 +27,9 @@ def read_history(run_dir: Path) -> list[dict[str, float]]:
     if not path.is_file():
         return []
     with path.open(newline="") as handle:
-        return [{k: float(v) if v not in ("", None) else math.nan for k, v in row.items()} for row in csv.DictReader(handle)]
+        return [
+            {k: float(v) if v not in ("", None) else math.nan for k, v in row.items()} for row in csv.DictReader(handle)
+        ]
 
 
 def summarize(rows: list[dict[str, float]]) -> dict[str, Any]:

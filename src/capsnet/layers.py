@@ -27,9 +27,7 @@ class PrimaryCaps(nn.Module):
         super().__init__()
         self.capsule_types = capsule_types
         self.capsule_dim = capsule_dim
-        self.conv = nn.Conv2d(
-            in_channels, capsule_types * capsule_dim, kernel_size=kernel_size, stride=stride
-        )
+        self.conv = nn.Conv2d(in_channels, capsule_types * capsule_dim, kernel_size=kernel_size, stride=stride)
 
     def forward(self, features: Tensor) -> Tensor:
         """Shapes: features [B, C, H, W] -> capsules [B, types*H'*W', capsule_dim]."""
@@ -57,6 +55,7 @@ class DigitCaps(nn.Module):
         bias: bool = False,
         detach_agreement: bool = False,
         weight_std: float = 0.05,
+        leaky: bool = False,
     ) -> None:
         super().__init__()
         assert routing_iterations >= 1, f"routing_iterations must be >= 1, got {routing_iterations}"
@@ -64,6 +63,7 @@ class DigitCaps(nn.Module):
         self.out_capsules, self.out_dim = out_capsules, out_dim
         self.routing_iterations = routing_iterations
         self.detach_agreement = detach_agreement
+        self.leaky = leaky
         # W_ij stored as (I, in_dim, J*out_dim) so û = u @ W is a single bmm over i.
         self.weight = nn.Parameter(torch.randn(in_capsules, in_dim, out_capsules * out_dim) * weight_std)
         self.bias = nn.Parameter(torch.zeros(out_capsules, out_dim)) if bias else None
@@ -98,6 +98,7 @@ class DigitCaps(nn.Module):
                 self.routing_iterations,
                 bias=None if self.bias is None else self.bias.to(dtype),
                 detach_agreement=self.detach_agreement,
+                leaky=self.leaky,
             )
 
 
@@ -110,8 +111,10 @@ class Decoder(nn.Module):
         num_capsules: int = 10,
         capsule_dim: int = 16,
         out_shape: tuple[int, int, int] = (1, 28, 28),
+        output: str = "sigmoid",
     ) -> None:
         super().__init__()
+        assert output in ("sigmoid", "linear"), f"decoder output must be sigmoid or linear, got {output!r}"
         self.out_shape = out_shape
         channels, height, width = out_shape
         self.net = nn.Sequential(
@@ -120,7 +123,8 @@ class Decoder(nn.Module):
             nn.Linear(512, 1024),
             nn.ReLU(inplace=True),
             nn.Linear(1024, channels * height * width),
-            nn.Sigmoid(),
+            # sigmoid for pixels in [0, 1] (§4.1); linear for standardised images (CIFAR-10)
+            nn.Sigmoid() if output == "sigmoid" else nn.Identity(),
         )
 
     def forward(self, poses: Tensor, labels: Tensor) -> Tensor:

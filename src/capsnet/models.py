@@ -52,6 +52,8 @@ class CapsNet(nn.Module):
         primary_types: int = 32,
         primary_dim: int = 8,
         digit_dim: int = 16,
+        leaky_routing: bool = False,
+        decoder_output: str = "sigmoid",
     ) -> None:
         super().__init__()
         conv1_size = _conv_out(input_size, 9)
@@ -73,9 +75,15 @@ class CapsNet(nn.Module):
             bias=digit_bias,
             detach_agreement=detach_agreement,
             weight_std=weight_std,
+            leaky=leaky_routing,
         )
         self.decoder = (
-            Decoder(num_capsules=num_classes, capsule_dim=digit_dim, out_shape=(in_channels, input_size, input_size))
+            Decoder(
+                num_capsules=num_classes,
+                capsule_dim=digit_dim,
+                out_shape=(in_channels, input_size, input_size),
+                output=decoder_output,
+            )
             if reconstruction
             else None
         )

@@ -42,7 +42,11 @@ def build_model(model: dict[str, Any], *, image_size: int, in_channels: int, num
     if kwargs["_target_"] is None:
         raise ValueError(f"model config has no _target_ (name={model.get('name')!r}): name the model's class")
     return instantiate(
-        kwargs, input_size=image_size, in_channels=in_channels, num_classes=num_classes, task=task,
+        kwargs,
+        input_size=image_size,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        task=task,
         _convert_="all",
     )
 
@@ -100,8 +104,11 @@ class CapsNetModule(L.LightningModule):
         assert data["task"] in TASKS, f"task must be one of {TASKS}, got {data['task']!r}"
         self.task = data["task"]
         self.net = build_model(
-            model, image_size=data["image_size"], in_channels=data["in_channels"],
-            num_classes=data["num_classes"], task=self.task,
+            model,
+            image_size=data["image_size"],
+            in_channels=data["in_channels"],
+            num_classes=data["num_classes"],
+            task=self.task,
         )
         self.is_capsnet = isinstance(self.net, CapsNet)
         self.loss_cfg, self.optim_cfg = loss, optim
@@ -109,7 +116,9 @@ class CapsNetModule(L.LightningModule):
         self.channels_last, self.compile_net = channels_last, compile
         self.errors = nn.ModuleDict({f"{stage}_error": error_metric() for stage in ("train", "val", "test")})
         # Examples evaluated, summed over DDP ranks: proof that each counts exactly once.
-        self.examples = nn.ModuleDict({stage: torchmetrics.SumMetric(nan_strategy="disable") for stage in ("val", "test")})
+        self.examples = nn.ModuleDict(
+            {stage: torchmetrics.SumMetric(nan_strategy="disable") for stage in ("val", "test")}
+        )
         self.extra_errors = nn.ModuleDict()  # extra test sets, e.g. affNIST
         self.run_signature: dict[str, Any] | None = None  # set by capsnet.training, saved in checkpoints
 
@@ -141,8 +150,11 @@ class CapsNetModule(L.LightningModule):
         lengths = capsule_lengths(poses)
         parts_out = {
             "margin": margin_loss(
-                lengths, as_multi_hot(labels, lengths.shape[1]),
-                m_pos=cfg["m_pos"], m_neg=cfg["m_neg"], lam=cfg["lam"],
+                lengths,
+                as_multi_hot(labels, lengths.shape[1]),
+                m_pos=cfg["m_pos"],
+                m_neg=cfg["m_neg"],
+                lam=cfg["lam"],
                 official_scaling=cfg["official_scaling"],
             )
         }
@@ -186,13 +198,14 @@ class CapsNetModule(L.LightningModule):
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, add_dataloader_idx=False, sync_dist=sync)
         if stage in self.examples:
             self.examples[stage].update(torch.ones(labels.shape[0], device=labels.device))
-            self.log(f"{stage}/examples", self.examples[stage], on_step=False, on_epoch=True,
-                     add_dataloader_idx=False)
+            self.log(f"{stage}/examples", self.examples[stage], on_step=False, on_epoch=True, add_dataloader_idx=False)
         for name, value in loss_parts.items():
-            self.log(f"{stage}/{name}_loss", value, on_step=False, on_epoch=True, add_dataloader_idx=False,
-                     sync_dist=sync)
-        self.log(f"{stage}/error", errors, on_step=False, on_epoch=True, prog_bar=stage != "test",
-                 add_dataloader_idx=False)
+            self.log(
+                f"{stage}/{name}_loss", value, on_step=False, on_epoch=True, add_dataloader_idx=False, sync_dist=sync
+            )
+        self.log(
+            f"{stage}/error", errors, on_step=False, on_epoch=True, prog_bar=stage != "test", add_dataloader_idx=False
+        )
         if stage == "train":
             self._check_finite(loss, loss_parts)
         return loss
@@ -224,7 +237,11 @@ class CapsNetModule(L.LightningModule):
         metric = self.extra_errors[name]
         metric.update(top_k_error(self(batch[0]).detach(), batch[1]))
         self.log(
-            f"test/{name}_error", metric, on_step=False, on_epoch=True, add_dataloader_idx=False,
+            f"test/{name}_error",
+            metric,
+            on_step=False,
+            on_epoch=True,
+            add_dataloader_idx=False,
             metric_attribute=f"extra_errors.{name}",
         )
 

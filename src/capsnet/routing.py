@@ -36,11 +36,18 @@ def _representable(eps: float, dtype: torch.dtype) -> float:
     return max(eps, torch.finfo(dtype).tiny) if dtype.is_floating_point else eps
 
 
+def _leaky_softmax(logits: Tensor) -> Tensor:
+    """Softmax over the parents (dim 1) beside one extra zero logit, whose share is dropped."""
+    leak = logits.new_zeros(logits.shape[0], 1, logits.shape[2])
+    return torch.softmax(torch.cat([leak, logits], dim=1), dim=1)[:, 1:]
+
+
 def dynamic_routing(
     u_hat: Tensor,
     iterations: int,
     bias: Tensor | None = None,
     detach_agreement: bool = False,
+    leaky: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Route prediction vectors from child capsules i to parent capsules j (Procedure 1).
 
@@ -53,6 +60,9 @@ def dynamic_routing(
         bias: optional per-parent bias [J, D] added to s_j (the official code's digit bias).
         detach_agreement: stop the gradient through the agreement updates of b (a later
             variant, not the paper's; off by default).
+        leaky: the official code's leaky routing (§7's "none-of-the-above" category): the
+            softmax over parents gets one more logit fixed at 0, whose share is dropped, so a
+            child's couplings sum to less than 1.
 
     Returns:
         ``(v, c)``: parent capsules and the final coupling coefficients.
@@ -69,7 +79,7 @@ def dynamic_routing(
     batch, parents, children, _ = u_pm.shape
     logits = u_pm.new_zeros(batch, parents, children)  # b_ij, (B, J, I), fresh per example
     for iteration in range(iterations):
-        coupling = torch.softmax(logits, dim=1)  # over parents j, (B, J, I)
+        coupling = _leaky_softmax(logits) if leaky else torch.softmax(logits, dim=1)  # over parents j, (B, J, I)
         s = torch.matmul(coupling.unsqueeze(2), u_pm).squeeze(2)  # (B, J, D)
         if bias is not None:
             s = s + bias

@@ -96,7 +96,9 @@ def _check_target(cfg: DictConfig, group: str, *, callable_ok: bool) -> None:
         get_method(target) if callable_ok else get_class(target)
     except Exception as error:  # ImportError, AttributeError, ValueError: all one message to a user
         raise ConfigError(
-            f"{group}._target_", target, f"must be the import path of a {'class or function' if callable_ok else 'class'} "
+            f"{group}._target_",
+            target,
+            f"must be the import path of a {'class or function' if callable_ok else 'class'} "
             f"({error}); see conf/{group}/ for examples",
         ) from error
 
@@ -110,8 +112,14 @@ def validate_config(cfg: DictConfig) -> None:
     _check_target(cfg, "data", callable_ok=False)
     if cfg.profile_name not in PROFILES:
         raise ConfigError("profile_name", cfg.profile_name, f"must be one of {', '.join(PROFILES)}")
-    for key in ("data.batch_size", "data.eval_batch_size", "data.val_size", "optim.decay_steps",
-                "checkpoint.every_n_steps", "nan_check_every"):
+    for key in (
+        "data.batch_size",
+        "data.eval_batch_size",
+        "data.val_size",
+        "optim.decay_steps",
+        "checkpoint.every_n_steps",
+        "nan_check_every",
+    ):
         _positive_int(cfg, key)
     for key in ("data.train_subset", "data.val_subset", "data.test_subset", "data.overfit_batches"):
         _positive_int(cfg, key, optional=True)
@@ -129,13 +137,20 @@ def validate_config(cfg: DictConfig) -> None:
     rate = cfg.optim.decay_rate
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
         raise ConfigError("optim.decay_rate", rate, "must be a number in (0, 1]")
-    for key in ("resume", "deterministic", "figures", "perf.channels_last", "loss.official_scaling",
-                "loss.mask_with_label_at_test"):
+    for key in (
+        "resume",
+        "deterministic",
+        "figures",
+        "perf.channels_last",
+        "loss.official_scaling",
+        "loss.mask_with_label_at_test",
+    ):
         if not isinstance(_select(cfg, key), bool):
             raise ConfigError(key, _select(cfg, key), "must be a boolean: true or false")
     if str(cfg.trainer.precision) in ("16-true", "16", "half"):
         raise ConfigError(
-            "trainer.precision", cfg.trainer.precision,
+            "trainer.precision",
+            cfg.trainer.precision,
             "pure float16 training diverges at the first Adam step (its eps=1e-8 is 0 in float16, so "
             "unchanged weights divide 0 by 0); use 16-mixed (float16 autocast with loss scaling) or bf16-true",
         )
@@ -147,5 +162,6 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("perf.matmul_precision", matmul, f"must be null or one of {', '.join(MATMUL_PRECISIONS)}")
     subset = cfg.data.train_subset
     if subset is not None and subset < cfg.data.batch_size:
-        raise ConfigError("data.train_subset", subset,
-                          f"must hold at least one global batch (data.batch_size={cfg.data.batch_size})")
+        raise ConfigError(
+            "data.train_subset", subset, f"must hold at least one global batch (data.batch_size={cfg.data.batch_size})"
+        )

@@ -13,12 +13,31 @@ from typing import Any
 
 # Settings that change neither the numbers a run produces nor which batch a step sees.
 NOT_RESULT_KEYS = (
-    "paths", "logger", "callbacks", "tags", "figures", "resume", "nan_check_every", "experiment_name",
-    "checkpoint", "deterministic", "perf.compile", "perf.channels_last", "hydra",
-    "trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.num_nodes",
-    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
-    "trainer.num_sanity_val_steps", "trainer.use_distributed_sampler", "trainer.deterministic",
-    "trainer.plugins", "data.eval_batch_size",
+    "paths",
+    "logger",
+    "callbacks",
+    "tags",
+    "figures",
+    "resume",
+    "nan_check_every",
+    "experiment_name",
+    "checkpoint",
+    "deterministic",
+    "perf.compile",
+    "perf.channels_last",
+    "hydra",
+    "trainer.accelerator",
+    "trainer.devices",
+    "trainer.strategy",
+    "trainer.num_nodes",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
+    "trainer.num_sanity_val_steps",
+    "trainer.use_distributed_sampler",
+    "trainer.deterministic",
+    "trainer.plugins",
+    "data.eval_batch_size",
 )
 # How long to train: a resume may extend a run (more epochs or steps) and stay the same run.
 SCHEDULE_LENGTH_KEYS = ("trainer.max_epochs", "trainer.max_steps", "trainer.max_time")

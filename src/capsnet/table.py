@@ -40,13 +40,24 @@ PAPER_MULTIMNIST: dict[tuple[str, int | None, bool | None], str] = {
 # §5.2: accuracy 99.23% / 79% (CapsNet) and 99.22% / 66% (CNN), as error %.
 PAPER_AFFNIST: dict[str, tuple[str, str]] = {"capsnet": ("0.77", "21"), "baseline": ("0.78", "34")}
 
+# §7, test error %: CIFAR-10 is a 7-model ensemble; smallNORB and SVHN single models.
+PAPER_OTHER: dict[str, tuple[str, str]] = {
+    "cifar10": ("10.6", "ensemble of 7"),
+    "smallnorb": ("2.7", ""),
+    "svhn": ("4.3", ""),
+}
+DATASET_NAMES = {"cifar10": "CIFAR-10", "smallnorb": "smallNORB", "svhn": "SVHN"}
+
 ROUTING_GRID = (1, 3, 5, 7, 10)
 Row = tuple[str, int | None, bool | None]
 # A table row: the paper's row, and which configuration ("" when only one was run).
 TableRow = tuple[str, int | None, bool | None, str]
 # Which record fields fill which column, per dataset.
-COLUMNS = {"mnist": {"mnist": "test_error"}, "multimnist": {"multimnist": "multimnist_error"},
-           "affnist": {"affnist_expanded": "test_error", "affnist": "affnist_error"}}
+COLUMNS = {
+    "mnist": {"mnist": "test_error"},
+    "multimnist": {"multimnist": "multimnist_error"},
+    "affnist": {"affnist_expanded": "test_error", "affnist": "affnist_error"},
+}
 
 
 @dataclass
@@ -113,10 +124,18 @@ def variant_labels(keys: list[str]) -> dict[str, str]:
     if len(keys) == 1:
         return {keys[0]: ""}
     configs = {k: json.loads(k) if k != "not recorded" else {} for k in keys}
-    differing = sorted({name for c in configs.values() for name in c
-                        if len({json.dumps(o.get(name), default=str) for o in configs.values()}) > 1})
-    return {k: (", ".join(f"{n}={configs[k].get(n)}" for n in differing) if configs[k] else "config not recorded")
-            for k in keys}
+    differing = sorted(
+        {
+            name
+            for c in configs.values()
+            for name in c
+            if len({json.dumps(o.get(name), default=str) for o in configs.values()}) > 1
+        }
+    )
+    return {
+        k: (", ".join(f"{n}={configs[k].get(n)}" for n in differing) if configs[k] else "config not recorded")
+        for k in keys
+    }
 
 
 def _cell(records: list[dict[str, Any]], field_name: str) -> Cell:
@@ -135,7 +154,9 @@ def _cell(records: list[dict[str, Any]], field_name: str) -> Cell:
 
 def build_table(records: list[dict[str, Any]], profile: str | None = None) -> dict[str, Any]:
     """Group completed runs into cells of one configuration each; list failed ones.
-    ``profile`` filters the runs."""
+    ``profile`` filters the training runs (ensemble records, written by src/eval.py, have none)."""
+    ensembles = [r for r in records if r.get("kind") == "ensemble" and r.get("status") == "completed"]
+    records = [r for r in records if r.get("kind") != "ensemble"]
     if profile is not None:
         records = [r for r in records if r.get("profile") == profile]
     completed = [r for r in records if r.get("status") == "completed"]
@@ -163,8 +184,43 @@ def build_table(records: list[dict[str, Any]], profile: str | None = None) -> di
         rows.append((*row, ""))
         rows += sorted(r for r in present if r[:3] == row and r[3])
     profiles = sorted({str(r.get("profile")) for r in completed}) or ([profile] if profile else [])
-    return {"rows": rows, "cells": cells, "failed": failed, "profiles": profiles, "n_runs": len(completed),
-            "duplicates": duplicates}
+    return {
+        "rows": rows,
+        "cells": cells,
+        "failed": failed,
+        "profiles": profiles,
+        "n_runs": len(completed),
+        "duplicates": duplicates,
+        "other": other_dataset_rows(completed, ensembles),
+    }
+
+
+def other_dataset_rows(completed: list[dict[str, Any]], ensembles: list[dict[str, Any]]) -> list[list[str]]:
+    """§7: per dataset and model, single models (mean ± std over seeds) and any ensemble of
+    them, beside the paper's number."""
+    rows = []
+    for data, (paper, paper_kind) in PAPER_OTHER.items():
+        runs = [r for r in completed if r.get("data") == data]
+        groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for record in runs:
+            groups[f"{record['model']} r={record.get('routing_iters')}"].append(record)
+        for label, group in sorted(groups.items()):
+            by_config: dict[str, list[dict[str, Any]]] = defaultdict(list)
+            for record in group:
+                by_config[config_key(record)].append(record)
+            for key, members in sorted(by_config.items()):
+                variant = variant_labels(sorted(by_config))[key]
+                name = f"{label} ({variant})" if variant else label
+                rows.append([DATASET_NAMES[data], name, _cell(members, "test_error").format(), "", ""])
+        for record in sorted((r for r in ensembles if r.get("data") == data), key=lambda r: r["run_dir"]):
+            members = record.get("member_test_errors") or []
+            text = f"{100 * record['test_error']:.2f} (ensemble of {record.get('ensemble_size')})"
+            if members:
+                text += f"; members {100 * min(members):.2f}–{100 * max(members):.2f}"
+            rows.append([DATASET_NAMES[data], f"{record['model']} ensemble", "", text, ""])
+        rows.append([DATASET_NAMES[data], "paper", "", "", f"{paper}" + (f" ({paper_kind})" if paper_kind else "")])
+    # the paper's line only under a dataset we have numbers for
+    return [row for row in rows if row[1] != "paper" or any(r[0] == row[0] and r[1] != "paper" for r in rows)]
 
 
 def _paper(row: TableRow, paper: dict[Row, str]) -> str:
@@ -173,14 +229,22 @@ def _paper(row: TableRow, paper: dict[Row, str]) -> str:
 
 
 def table_rows(table: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    columns = ["model", "routing", "reconstruction", "MNIST (ours)", "MNIST (paper)",
-               "MultiMNIST (ours)", "MultiMNIST (paper)"]
+    columns = [
+        "model",
+        "routing",
+        "reconstruction",
+        "MNIST (ours)",
+        "MNIST (paper)",
+        "MultiMNIST (ours)",
+        "MultiMNIST (paper)",
+    ]
     out = []
     for row in table["rows"]:
         mnist = table["cells"]["mnist"].get(row, Cell([]))
         multi = table["cells"]["multimnist"].get(row, Cell([]))
-        out.append([*row_label(row), mnist.format(), _paper(row, PAPER_MNIST), multi.format(),
-                    _paper(row, PAPER_MULTIMNIST)])
+        out.append(
+            [*row_label(row), mnist.format(), _paper(row, PAPER_MNIST), multi.format(), _paper(row, PAPER_MULTIMNIST)]
+        )
     return columns, out
 
 
@@ -211,8 +275,15 @@ def affnist_rows(table: dict[str, Any]) -> list[list[str]]:
         if expanded is None:
             continue
         paper = PAPER_AFFNIST.get(row[0], ("", "")) if not row[3] else ("", "")
-        rows.append([" ".join(row_label(row)[:2]).replace(" –", ""), expanded.format(), paper[0],
-                     table["cells"]["affnist"][row].format(), paper[1]])
+        rows.append(
+            [
+                " ".join(row_label(row)[:2]).replace(" –", ""),
+                expanded.format(),
+                paper[0],
+                table["cells"]["affnist"][row].format(),
+                paper[1],
+            ]
+        )
     return rows
 
 
@@ -227,18 +298,40 @@ def to_markdown(table: dict[str, Any]) -> str:
     lines += ["", "Ours: mean ± sample std over seeds (n = seeds); blank: not run. Paper: Sabour et al. 2017, Table 1."]
     affine = affnist_rows(table)
     if affine:
-        lines += ["", "## affNIST-style robustness — test error %", "",
-                  "The paper reports accuracy: CapsNet 99.23% → 79%, a CNN of similar size 99.22% → 66%;",
-                  "shown here as error %.", "",
-                  "| model | expanded MNIST (ours) | (paper) | affine set (ours) | (paper) |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## affNIST-style robustness — test error %",
+            "",
+            "The paper reports accuracy: CapsNet 99.23% → 79%, a CNN of similar size 99.22% → 66%;",
+            "shown here as error %.",
+            "",
+            "| model | expanded MNIST (ours) | (paper) | affine set (ours) | (paper) |",
+            "|---|---|---|---|---|",
+        ]
         lines += ["| " + " | ".join(row) + " |" for row in affine]
+    if table.get("other"):
+        lines += [
+            "",
+            "## Other datasets (§7) — test error %",
+            "",
+            "| dataset | model | single models (ours) | ensemble (ours) | paper |",
+            "|---|---|---|---|---|",
+        ]
+        lines += ["| " + " | ".join(row) + " |" for row in table["other"]]
     if table["duplicates"]:
         lines += ["", "## Seeds run twice (counted once)", ""]
-        lines += [f"- {' '.join(row_label(row)).strip()} on {data}: " + ", ".join(f"`{d}`" for d in dirs)
-                  for row, data, dirs in table["duplicates"]]
+        lines += [
+            f"- {' '.join(row_label(row)).strip()} on {data}: " + ", ".join(f"`{d}`" for d in dirs)
+            for row, data, dirs in table["duplicates"]
+        ]
     if any(row[3] for row in table["rows"]):
-        lines += ["", ("Rows with a label in brackets are runs of another configuration than the row above "
-                       "(the label says the settings that differ); they are never averaged together.")]
+        lines += [
+            "",
+            (
+                "Rows with a label in brackets are runs of another configuration than the row above "
+                "(the label says the settings that differ); they are never averaged together."
+            ),
+        ]
     if table["failed"]:
         lines += ["", "## Failed runs", ""]
         lines += [f"- `{r['run_dir']}`: {r.get('error', 'no reason recorded')}" for r in table["failed"]]
@@ -258,7 +351,11 @@ def paper_value(column: str, row: TableRow) -> float | None:
 def curve_label(row: TableRow) -> str:
     """'CapsNet r=3, reconstruction' / 'Baseline CNN', with the configuration label if any."""
     model, iters, recon, variant = row
-    name = "Baseline CNN" if model == "baseline" else f"CapsNet r={iters}, {'reconstruction' if recon else 'no reconstruction'}"
+    name = (
+        "Baseline CNN"
+        if model == "baseline"
+        else f"CapsNet r={iters}, {'reconstruction' if recon else 'no reconstruction'}"
+    )
     return f"{name} ({variant})" if variant else name
 
 
@@ -284,7 +381,9 @@ def write_outputs(table: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
         writer = csv.writer(handle)
         writer.writerow(["profile", *columns, "configuration", *numeric_columns])
         profile = "+".join(table["profiles"])
-        writer.writerows([profile, *row, key[3], *values] for row, key, values in zip(rows, table["rows"], numbers))
+        writer.writerows(
+            [profile, *row, key[3], *values] for row, key, values in zip(rows, table["rows"], numbers, strict=True)
+        )
     return md, csv_path
 
 
@@ -313,8 +412,14 @@ def main(argv: list[str] | None = None) -> None:
         from capsnet.tracking import log_table_to_wandb
 
         columns, rows = table_rows(table)
-        log_table_to_wandb(columns, rows, project="capsnet", group="table1", title=md.read_text().splitlines()[0],
-                           save_dir=str(args.out))
+        log_table_to_wandb(
+            columns,
+            rows,
+            project="capsnet",
+            group="table1",
+            title=md.read_text().splitlines()[0],
+            save_dir=str(args.out),
+        )
 
 
 if __name__ == "__main__":

@@ -61,7 +61,8 @@ def wandb_arguments(node: DictConfig, run_dir: Path, resuming: bool, tags: list[
     offline = wandb_offline(node.get("offline"))
     if offline and node.get("log_model"):
         raise ConfigError(
-            "logger.wandb.log_model", node.get("log_model"),
+            "logger.wandb.log_model",
+            node.get("log_model"),
             "checkpoints can be uploaded as artifacts only online: log in to W&B (wandb login, or "
             "WANDB_API_KEY) or set logger.wandb.log_model=false",
         )
@@ -128,8 +129,15 @@ def log_table_to_wandb(
     import wandb
 
     mode = "offline" if wandb_offline(None) else None
-    run = wandb.init(project=project, group=group, job_type="table", name=f"{group}/table", mode=mode,
-                     config={"title": title}, dir=save_dir)
+    run = wandb.init(
+        project=project,
+        group=group,
+        job_type="table",
+        name=f"{group}/table",
+        mode=mode,
+        config={"title": title},
+        dir=save_dir,
+    )
     try:
         run.log({"table1": wandb.Table(columns=columns, data=rows)})
         return str(run.dir)

@@ -31,6 +31,7 @@ from capsnet.builders import build_datamodule, build_module
 from capsnet.config_tree import print_config_tree
 from capsnet.figures import write_run_figures
 from capsnet.history import EpochHistory, read_history, summarize
+from capsnet.models import count_parameters
 from capsnet.module import RUN_SIGNATURE_KEY
 from capsnet.run_record import git_commit, read_metrics, resolved_config, save_resolved_config, write_metrics
 from capsnet.schema import ConfigError, validate_config
@@ -70,9 +71,15 @@ def _callbacks(cfg: DictConfig, has_logger: bool) -> dict[str, Callback]:
     the group (Lightning would refuse the pair), and the learning-rate monitor needs a
     logger (``logger=none`` is a valid choice)."""
     built = {name: instantiate(node) for name, node in (cfg.get("callbacks") or {}).items()}
-    off = [kind for kind, is_off in ((LearningRateMonitor, not has_logger),
-                                     (ProgressBar, cfg.trainer.get("enable_progress_bar") is False),
-                                     (ModelSummary, cfg.trainer.get("enable_model_summary") is False)) if is_off]
+    off = [
+        kind
+        for kind, is_off in (
+            (LearningRateMonitor, not has_logger),
+            (ProgressBar, cfg.trainer.get("enable_progress_bar") is False),
+            (ModelSummary, cfg.trainer.get("enable_model_summary") is False),
+        )
+        if is_off
+    ]
     return {name: cb for name, cb in built.items() if not isinstance(cb, tuple(off))}
 
 
@@ -83,11 +90,17 @@ def _best_checkpoint_callback(callbacks: dict[str, Callback], ckpt_dir: Path) ->
     if best is None:
         return None
     if not isinstance(best, ModelCheckpoint) or best.monitor is None:
-        raise ConfigError("callbacks.model_checkpoint", type(best).__name__,
-                          "must be a ModelCheckpoint with a monitor (see conf/callbacks/model_checkpoint.yaml)")
+        raise ConfigError(
+            "callbacks.model_checkpoint",
+            type(best).__name__,
+            "must be a ModelCheckpoint with a monitor (see conf/callbacks/model_checkpoint.yaml)",
+        )
     if best.dirpath is None or Path(best.dirpath).resolve() != ckpt_dir.resolve():
-        raise ConfigError("callbacks.model_checkpoint.dirpath", best.dirpath,
-                          f"must be this run's checkpoints dir ({ckpt_dir}): resume and test read it")
+        raise ConfigError(
+            "callbacks.model_checkpoint.dirpath",
+            best.dirpath,
+            f"must be this run's checkpoints dir ({ckpt_dir}): resume and test read it",
+        )
     return best
 
 
@@ -108,7 +121,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> tup
         plugins.append(SLURMEnvironment(auto_requeue=False))
     history = EpochHistory(run_dir, global_batch=int(cfg.data.batch_size))
     trainer = L.Trainer(
-        **kwargs, plugins=plugins or None, callbacks=[*callbacks.values(), history], logger=loggers or False,
+        **kwargs,
+        plugins=plugins or None,
+        callbacks=[*callbacks.values(), history],
+        logger=loggers or False,
         default_root_dir=str(run_dir),
     )
     return trainer, best
@@ -126,9 +142,12 @@ def read_warm_start(path: Path, module: L.LightningModule) -> dict[str, Tensor]:
     theirs = {k: v.shape for k, v in state.items()}
     if own != theirs:
         missing, unexpected = sorted(own.keys() - theirs.keys()), sorted(theirs.keys() - own.keys())
-        shapes = [f"{k}: {tuple(theirs[k])} vs {tuple(own[k])}" for k in own.keys() & theirs.keys() if own[k] != theirs[k]]
+        shapes = [
+            f"{k}: {tuple(theirs[k])} vs {tuple(own[k])}" for k in own.keys() & theirs.keys() if own[k] != theirs[k]
+        ]
         raise ConfigError(
-            "ckpt_path", str(path),
+            "ckpt_path",
+            str(path),
             f"its network does not fit this run's model/data (missing {missing[:4]}, unexpected {unexpected[:4]}, "
             f"shapes checkpoint vs run {shapes[:4]})",
         )
@@ -150,7 +169,8 @@ def check_parallel_setup(cfg: DictConfig, trainer: L.Trainer) -> None:
     batch = int(cfg.data.batch_size)
     if batch % world:
         raise ConfigError(
-            "data.batch_size", batch,
+            "data.batch_size",
+            batch,
             f"it is the global batch, split over {world} processes (trainer.devices x trainer.num_nodes), "
             f"so it must be a multiple of {world}, e.g. {batch - batch % world or world}",
         )
@@ -158,7 +178,8 @@ def check_parallel_setup(cfg: DictConfig, trainer: L.Trainer) -> None:
     in_sweep = HydraConfig.initialized() and getattr(HydraConfig.get().mode, "name", None) == "MULTIRUN"
     if relaunches and world > 1 and in_sweep:
         raise ConfigError(
-            "trainer.strategy", trainer.strategy.__class__.__name__,
+            "trainer.strategy",
+            trainer.strategy.__class__.__name__,
             "DDP over several devices cannot run inside a local sweep: Lightning starts each extra rank by "
             "re-running this command, which would re-run the sweep in every rank. Run one configuration at a "
             "time without -m (experiment configs sweep by themselves: add hydra.mode=RUN), or sweep with one "
@@ -190,8 +211,9 @@ def stored_signature(checkpoint: Path) -> dict[str, Any] | None:
     return raw.get(RUN_SIGNATURE_KEY) if isinstance(raw, dict) else None
 
 
-def check_same_run(run_dir: Path, signature: dict[str, Any], previous: dict[str, Any] | None,
-                   resume_from: Path | None) -> None:
+def check_same_run(
+    run_dir: Path, signature: dict[str, Any], previous: dict[str, Any] | None, resume_from: Path | None
+) -> None:
     """Refuse to skip to, or continue, a run of another configuration in this dir."""
     if previous is not None and previous.get("status") in ("completed", "skipped") and "signature" in previous:
         changes = differences(previous["signature"], signature)
@@ -227,8 +249,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         module.run_signature = signature
         warm_start = read_warm_start(Path(cfg.ckpt_path), module) if cfg.ckpt_path and resume_from is None else None
 
-    identity = {**run_identity(cfg), "world_size": trainer.world_size, "global_batch": int(cfg.data.batch_size),
-                "precision": str(cfg.trainer.precision), "signature": signature}
+    identity = {
+        **run_identity(cfg),
+        "world_size": trainer.world_size,
+        "global_batch": int(cfg.data.batch_size),
+        "precision": str(cfg.trainer.precision),
+        "signature": signature,
+    }
     if cfg.resume and previous is not None and previous.get("status") in ("completed", "skipped"):
         log.info("%s already %s; skipping (resume=false to retrain)", run_dir, previous["status"])
         return previous
@@ -242,7 +269,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         print_config_tree(cfg, run_dir)
     save_resolved_config(cfg, run_dir)
-    record: dict[str, Any] = {**identity, "git_commit": git_commit(), "status": "running", "tags": list(cfg.tags)}
+    parameters = count_parameters(module.net)
+    log.info("%s (%s): %s trainable parameters", cfg.model.name, cfg.model._target_, f"{parameters:,}")
+    record: dict[str, Any] = {
+        **identity,
+        "git_commit": git_commit(),
+        "status": "running",
+        "tags": list(cfg.tags),
+        "parameters": parameters,
+    }
     try:
         start_loggers(trainer.loggers, cfg, run_dir)
         if warm_start is not None:

@@ -15,8 +15,9 @@ class StepLosses(L.Callback):
     def __init__(self, path: str) -> None:
         self.path = Path(path)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.path.mkdir(parents=True, exist_ok=True)
         with (self.path / f"rank{trainer.global_rank}.jsonl").open("a") as handle:
@@ -77,8 +78,9 @@ class BatchDigests(L.Callback):
     def __init__(self, path: str) -> None:
         self.path = Path(path)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         row = [trainer.current_epoch, round(float(batch[0].double().sum()), 6), int(batch[1].sum())]
         with self.path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")

@@ -9,8 +9,9 @@ from torch import Tensor, nn
 class TinyCNN(nn.Module):
     """A small CNN: the model contract is the four data keyword arguments plus its own."""
 
-    def __init__(self, *, input_size: int, in_channels: int, num_classes: int, task: str = "single",
-                 channels: int = 8) -> None:
+    def __init__(
+        self, *, input_size: int, in_channels: int, num_classes: int, task: str = "single", channels: int = 8
+    ) -> None:
         super().__init__()
         self.features = nn.Sequential(nn.Conv2d(in_channels, channels, 5, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(4))
         self.classifier = nn.Linear(channels * 16, num_classes)

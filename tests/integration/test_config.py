@@ -28,8 +28,20 @@ def test_root_keys_reach_the_model() -> None:
     assert cfg.model.routing_iterations == 7 and cfg.model.reconstruction is False
 
 
-@pytest.mark.parametrize("option", ["profile=smoke", "profile=demo", "profile=fast", "profile=paper", "trainer=cpu",
-                                    "trainer=gpu", "trainer=ddp", "logger=csv", "logger=none",
-                                    "model=baseline"])
+@pytest.mark.parametrize(
+    "option",
+    [
+        "profile=smoke",
+        "profile=demo",
+        "profile=fast",
+        "profile=paper",
+        "trainer=cpu",
+        "trainer=gpu",
+        "trainer=ddp",
+        "logger=csv",
+        "logger=none",
+        "model=baseline",
+    ],
+)
 def test_group_options_compose(option: str) -> None:
     assert _compose(option) is not None

@@ -26,8 +26,14 @@ from conftest import CONF, ROOT, run_cli
 from wandb_log import run_config, run_tags, wait_for_bytes
 
 TEST_CONFIGS = ROOT / "tests" / "configs"
-TINY = ["trainer.limit_train_batches=2", "data.batch_size=16", "data.train_subset=64", "data.val_subset=32",
-        "data.test_subset=32", "figures=false"]
+TINY = [
+    "trainer.limit_train_batches=2",
+    "data.batch_size=16",
+    "data.train_subset=64",
+    "data.val_subset=32",
+    "data.test_subset=32",
+    "figures=false",
+]
 
 
 def _compose(*overrides: str):
@@ -66,8 +72,9 @@ def test_every_logger_records_the_resolved_config_and_wandb_follows_a_resume(
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_home"))
     run_dir = tmp_path / "run"
     args = ["logger=many", "tags=[study_a,v2]", "trainer.max_epochs=2", *TINY, "figures=true"]
-    crashed = run(make_cfg(*args, "+callbacks.crash._target_=apps.probes.FailAt", "+callbacks.crash.step=3",
-                           output_dir=run_dir))
+    crashed = run(
+        make_cfg(*args, "+callbacks.crash._target_=apps.probes.FailAt", "+callbacks.crash.step=3", output_dir=run_dir)
+    )
     assert crashed["status"] == "failed"
     resumed = run(make_cfg(*args, output_dir=run_dir))
     assert resumed["status"] == "completed" and resumed["resumed_from"].endswith("last.ckpt")
@@ -119,10 +126,19 @@ def test_wandb_decides_online_or_offline_by_its_own_rules(setup: str, online: bo
     if setup == "mode_offline":
         env["WANDB_MODE"] = "offline"
         env["WANDB_API_KEY"] = key
-    code = ("from capsnet.tracking import wandb_offline, wandb_has_credentials\n"
-            "print(wandb_offline(None), wandb_has_credentials())")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
-                            stdin=subprocess.DEVNULL)
+    code = (
+        "from capsnet.tracking import wandb_offline, wandb_has_credentials\n"
+        "print(wandb_offline(None), wandb_has_credentials())"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     offline, has_key = result.stdout.split()[-2:]
     if setup == "mode_offline":  # left to wandb, which reads WANDB_MODE itself
@@ -134,10 +150,21 @@ def test_wandb_decides_online_or_offline_by_its_own_rules(setup: str, online: bo
 def test_debug_overfit_trains_on_the_same_batches_every_epoch(make_cfg, tmp_path: Path) -> None:
     def digests(*overrides: str) -> dict[int, list[list[float]]]:
         path = tmp_path / f"digests_{len(overrides)}.jsonl"
-        record = run(make_cfg(*overrides, "trainer.max_epochs=2", "trainer.limit_train_batches=null",
-                              "data.batch_size=16", "data.train_subset=96", "data.val_subset=16", "data.test_subset=16",
-                              "figures=false", "+callbacks.digests._target_=apps.probes.BatchDigests",
-                              f"+callbacks.digests.path={path}", output_dir=tmp_path / f"run{len(overrides)}"))
+        record = run(
+            make_cfg(
+                *overrides,
+                "trainer.max_epochs=2",
+                "trainer.limit_train_batches=null",
+                "data.batch_size=16",
+                "data.train_subset=96",
+                "data.val_subset=16",
+                "data.test_subset=16",
+                "figures=false",
+                "+callbacks.digests._target_=apps.probes.BatchDigests",
+                f"+callbacks.digests.path={path}",
+                output_dir=tmp_path / f"run{len(overrides)}",
+            )
+        )
         assert record["status"] == "completed"
         by_epoch: dict[int, list[list[float]]] = {0: [], 1: []}
         for line in path.read_text().splitlines():
@@ -152,13 +179,20 @@ def test_debug_overfit_trains_on_the_same_batches_every_epoch(make_cfg, tmp_path
 
 
 def test_debug_fdr_and_profiler_run_from_the_command_line(tmp_path: Path, mnist_dir: Path) -> None:
-    fdr = run_cli("train.py", "debug=fdr", "profile=smoke", f"paths.data_dir={mnist_dir}",
-                  f"hydra.run.dir={tmp_path / 'fdr'}")
+    fdr = run_cli(
+        "train.py", "debug=fdr", "profile=smoke", f"paths.data_dir={mnist_dir}", f"hydra.run.dir={tmp_path / 'fdr'}"
+    )
     assert fdr.returncode == 0, fdr.stderr[-3000:]
     record = json.loads((tmp_path / "fdr" / "metrics.json").read_text())
     assert record["status"] == "completed" and record["steps"] == 1 and record["experiment"] == "debug"
-    profiled = run_cli("train.py", "debug=profiler", "profile=smoke", "trainer.limit_train_batches=2",
-                       f"paths.data_dir={mnist_dir}", f"hydra.run.dir={tmp_path / 'profiler'}")
+    profiled = run_cli(
+        "train.py",
+        "debug=profiler",
+        "profile=smoke",
+        "trainer.limit_train_batches=2",
+        f"paths.data_dir={mnist_dir}",
+        f"hydra.run.dir={tmp_path / 'profiler'}",
+    )
     assert profiled.returncode == 0, profiled.stderr[-3000:]
     assert "run_training_batch" in (tmp_path / "profiler" / "fit-profile.txt").read_text()
 
@@ -167,12 +201,22 @@ def test_ckpt_path_starts_from_the_weights_and_refuses_a_mismatch(make_cfg, tmp_
     first = run(make_cfg(*TINY, output_dir=tmp_path / "first"))
     best = Path(first["best_checkpoint"])
     start = tmp_path / "start.pt"
-    second = run(make_cfg(*TINY, f"ckpt_path={best}", "+callbacks.start._target_=apps.probes.WeightsAtStart",
-                          f"+callbacks.start.path={start}", output_dir=tmp_path / "second"))
+    second = run(
+        make_cfg(
+            *TINY,
+            f"ckpt_path={best}",
+            "+callbacks.start._target_=apps.probes.WeightsAtStart",
+            f"+callbacks.start.path={start}",
+            output_dir=tmp_path / "second",
+        )
+    )
     assert second["status"] == "completed" and second["warm_start"] == str(best)
     assert "resumed_from" not in second and second["steps"] == 2  # a fresh schedule, not a resume
-    trained = {k.removeprefix("net."): v for k, v in torch.load(best, weights_only=False)["state_dict"].items()
-               if k.startswith("net.")}
+    trained = {
+        k.removeprefix("net."): v
+        for k, v in torch.load(best, weights_only=False)["state_dict"].items()
+        if k.startswith("net.")
+    }
     started = torch.load(start)
     assert started.keys() == trained.keys() and all(torch.equal(started[k], trained[k]) for k in trained)
 
@@ -184,9 +228,17 @@ def test_ckpt_path_starts_from_the_weights_and_refuses_a_mismatch(make_cfg, tmp_
 
 def test_hparams_search_runs_optuna_trials_and_stores_them_beside_the_sweep(tmp_path: Path, mnist_dir: Path) -> None:
     sweep = tmp_path / "search"
-    result = run_cli("train.py", "hparams_search=mnist_optuna", "profile=smoke", "logger=none",
-                     "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=1", *TINY,
-                     f"paths.data_dir={mnist_dir}", f"hydra.sweep.dir={sweep}")
+    result = run_cli(
+        "train.py",
+        "hparams_search=mnist_optuna",
+        "profile=smoke",
+        "logger=none",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=1",
+        *TINY,
+        f"paths.data_dir={mnist_dir}",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     with sqlite3.connect(sweep / "optuna.db") as db:
         values = sorted(v for (v,) in db.execute("SELECT value FROM trial_values"))
@@ -208,6 +260,28 @@ def test_a_model_is_one_class_and_one_yaml(make_cfg, tmp_path: Path) -> None:
 
     net = build_model(dict(cfg.model), image_size=28, in_channels=1, num_classes=10, task="single")
     # Independent count: conv1 1->32 9x9; primary 32->4*8 9x9; W: 4*6*6 capsules x 8x16 per class; decoder.
-    expected = (32 * 81 + 32) + (32 * 81 * 32 + 32) + 4 * 36 * 8 * 16 * 10 + (160 * 512 + 512) + (512 * 1024 + 1024) \
+    expected = (
+        (32 * 81 + 32)
+        + (32 * 81 * 32 + 32)
+        + 4 * 36 * 8 * 16 * 10
+        + (160 * 512 + 512)
+        + (512 * 1024 + 1024)
         + (1024 * 784 + 784)
+    )
     assert count_parameters(net) == expected
+
+
+def test_wandb_ids_follow_the_run_dir_and_artifacts_need_wandb_online(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from capsnet.tracking import wandb_arguments
+
+    node = OmegaConf.create({"_target_": "WandbLogger", "offline": True, "log_model": True, "tags": ["capsnet"]})
+    with pytest.raises(ConfigError, match=r"logger\.wandb\.log_model"):
+        wandb_arguments(node, tmp_path, resuming=False, tags=[])
+    node.log_model = False
+    fresh = wandb_arguments(node, tmp_path, resuming=False, tags=["mine"])
+    assert fresh["offline"] is True and fresh["tags"] == ["capsnet", "mine"] and len(fresh["id"]) == 8
+    (tmp_path / "wandb_run_id").write_text("abc12345\n")
+    assert wandb_arguments(node, tmp_path, resuming=True, tags=[])["id"] == "abc12345"
+    assert wandb_arguments(node, tmp_path, resuming=False, tags=[])["id"] != "abc12345"  # retrained: a new run

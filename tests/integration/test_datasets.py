@@ -37,7 +37,9 @@ def test_multimnist_items_follow_the_protocol(test_digits) -> None:
             assert labels[digit] == pair_labels[b, k]
             centred = center_on_canvas(to_float_images(images[digit : digit + 1]), 36)
             matches = [
-                (dx, dy) for dx in range(-4, 5) for dy in range(-4, 5)
+                (dx, dy)
+                for dx in range(-4, 5)
+                for dy in range(-4, 5)
                 if torch.equal(translate(centred, torch.tensor([dx]), torch.tensor([dy]))[0], parts[b, k])
             ]
             assert matches, f"part {k} of item {index[b]} is not its digit shifted by at most 4 px"
@@ -47,7 +49,7 @@ def test_multimnist_is_a_pure_function_of_seed_and_index(test_digits) -> None:
     images, labels = test_digits
     a, b = MultiMNIST(images, labels, seed=5), MultiMNIST(images, labels, seed=5)
     item = a[123]
-    for x, y in zip(item, b[123]):
+    for x, y in zip(item, b[123], strict=True):
         assert torch.equal(x, y)
     batch = a.batch(torch.tensor([7, 123]))
     assert torch.equal(batch[0][1], item[0]) and torch.equal(batch[2][1], item[2])
@@ -129,7 +131,7 @@ def test_affnist_validation_digits_are_placed_like_the_expanded_test(mnist_dir: 
     datamodule = AffNISTDataModule(data_dir=str(mnist_dir), val_subset=64, test_subset=64, train_subset=64)
     datamodule.setup()
     batch = next(iter(datamodule.val_dataloader()))
-    placed, labels = datamodule.on_after_batch_transfer(batch, 0)
+    placed, _ = datamodule.on_after_batch_transfer(batch, 0)
     again, _ = datamodule.on_after_batch_transfer(batch, 0)
     assert torch.equal(placed, again) and placed.shape == (64, 1, 40, 40)
     centred = datamodule.place(batch[0])

@@ -23,10 +23,23 @@ def _sweep(tmp_path: Path, jobs: int, jobs_per_gpu: int, *extra: str) -> tuple[s
     records.mkdir()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT / "src")}
     result = subprocess.run(
-        [sys.executable, str(APP), "-m", f"job=range(0,{jobs})", f"record_dir={records}",
-         f"hydra.searchpath=[file://{ROOT / 'conf'}]", f"hydra.launcher.jobs_per_gpu={jobs_per_gpu}",
-         f"hydra.sweep.dir={tmp_path / 'sweep'}", *extra],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False,
+        [
+            sys.executable,
+            str(APP),
+            "-m",
+            f"job=range(0,{jobs})",
+            f"record_dir={records}",
+            f"hydra.searchpath=[file://{ROOT / 'conf'}]",
+            f"hydra.launcher.jobs_per_gpu={jobs_per_gpu}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+            *extra,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     return result, [json.loads(p.read_text()) for p in sorted(records.glob("*.json"))]
 
@@ -61,7 +74,9 @@ def test_ray_places_jobs_on_free_gpu_shares(tmp_path: Path, jobs_per_gpu: int) -
     waited = _wait_while_free(jobs, jobs_per_gpu, gpus=2)
     # A free share is taken within Ray's start of a fresh worker process (about a second here).
     assert waited < 2.0 * len(jobs), waited
-    print(f"jobs_per_gpu={jobs_per_gpu}: most jobs at once per GPU {most}; waited while a share was free {waited:.2f} s")
+    print(
+        f"jobs_per_gpu={jobs_per_gpu}: most jobs at once per GPU {most}; waited while a share was free {waited:.2f} s"
+    )
 
 
 def test_no_gpu_at_all_is_refused_instead_of_waiting_forever(tmp_path: Path) -> None:
@@ -72,9 +87,21 @@ def test_no_gpu_at_all_is_refused_instead_of_waiting_forever(tmp_path: Path) -> 
 def test_training_sweep_under_ray(tmp_path: Path, mnist_dir: Path) -> None:
     sweep_dir = tmp_path / "sweep"
     result = run_cli(
-        "train.py", "-m", "hydra/launcher=ray_gpus", "hydra.launcher.jobs_per_gpu=2", *RAY_INIT, "trainer=cpu",
-        "routing.iters=1,2", "profile=smoke", "logger=none", "figures=false", "trainer.limit_train_batches=1",
-        "data.batch_size=8", "data.val_subset=16", "data.test_subset=16", f"paths.data_dir={mnist_dir}",
+        "train.py",
+        "-m",
+        "hydra/launcher=ray_gpus",
+        "hydra.launcher.jobs_per_gpu=2",
+        *RAY_INIT,
+        "trainer=cpu",
+        "routing.iters=1,2",
+        "profile=smoke",
+        "logger=none",
+        "figures=false",
+        "trainer.limit_train_batches=1",
+        "data.batch_size=8",
+        "data.val_subset=16",
+        "data.test_subset=16",
+        f"paths.data_dir={mnist_dir}",
         f"hydra.sweep.dir={sweep_dir}",
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import torch
 from capsnet.data.mnist import MNIST_SHA256, DataError, verify_mnist
 from capsnet.evaluation import CheckpointError, load_checkpoint
 from capsnet.module import CapsNetModule
+from capsnet.schema import ConfigError
 from capsnet.training import run
 from conftest import ROOT, run_cli
 
@@ -38,16 +40,29 @@ BAD_VALUES = [
 
 
 @pytest.mark.parametrize(("override", "key"), BAD_VALUES)
-def test_bad_value_fails_before_work_naming_the_key(override: str, key: str, tmp_path: Path, mnist_dir: Path) -> None:
+def test_bad_value_fails_before_work_naming_the_key(override: str, key: str, make_cfg, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=rf"^invalid config value {re.escape(key)}="):
+        run(make_cfg(override, output_dir=run_dir))
+    assert not run_dir.exists(), "a rejected run must not leave a run dir behind"
+
+
+@pytest.mark.parametrize(
+    ("override", "key"), [BAD_VALUES[0], ("model._target_=capsnet.models.ResNet", "model._target_")]
+)
+def test_bad_value_on_the_command_line_exits_with_the_message(
+    override: str, key: str, tmp_path: Path, mnist_dir: Path
+) -> None:
     run_dir = tmp_path / "run"
     result = run_cli("train.py", override, "profile=smoke", f"paths.data_dir={mnist_dir}", f"hydra.run.dir={run_dir}")
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert f"invalid config value {key}=" in result.stderr, result.stderr[-2000:]
     assert not run_dir.exists(), "a rejected run must not leave a run dir behind"
 
 
-@pytest.mark.parametrize(("override", "needle"), [("model=resnet", "model"), ("profile=huge", "profile"),
-                                                  ("data=cifar", "data")])
+@pytest.mark.parametrize(
+    ("override", "needle"), [("model=resnet", "model"), ("profile=huge", "profile"), ("data=cifar", "data")]
+)
 def test_unknown_group_option_lists_the_choices(override: str, needle: str, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = run_cli("train.py", override, f"hydra.run.dir={run_dir}")
@@ -93,9 +108,19 @@ def test_missing_data_fails_the_cli_with_the_fix(tmp_path: Path) -> None:
     assert not run_dir.exists()
 
 
-RESUME_ARGS = ["profile=smoke", "logger=none", "trainer=cpu", "deterministic=true", "trainer.max_epochs=3",
-               "trainer.limit_train_batches=6", "data.batch_size=16", "data.val_subset=64",
-               "data.test_subset=64", "checkpoint.every_n_steps=2", "routing.iters=2"]
+RESUME_ARGS = [
+    "profile=smoke",
+    "logger=none",
+    "trainer=cpu",
+    "deterministic=true",
+    "trainer.max_epochs=3",
+    "trainer.limit_train_batches=6",
+    "data.batch_size=16",
+    "data.val_subset=64",
+    "data.test_subset=64",
+    "checkpoint.every_n_steps=2",
+    "routing.iters=2",
+]
 
 
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -121,9 +146,9 @@ def test_sigkill_mid_epoch_then_same_command_resumes_exactly(tmp_path: Path, mni
             time.sleep(0.3)
             try:
                 killed_at = torch.load(step_file, map_location="cpu", weights_only=False)["global_step"]
-            except Exception:  # caught mid-write: try again
+            except Exception:  # noqa: BLE001, S112  (a file caught mid-write fails in many ways: try again)
                 continue
-            if 4 <= killed_at:
+            if killed_at >= 4:
                 process.send_signal(signal.SIGKILL)
                 break
         time.sleep(0.05)
@@ -176,9 +201,16 @@ def test_injected_nan_stops_the_run_naming_step_and_parts(make_cfg, monkeypatch)
 def test_failed_job_does_not_stop_the_sweep(tmp_path: Path, mnist_dir: Path) -> None:
     sweep_dir = tmp_path / "sweep"
     result = run_cli(
-        "train.py", "-m", "loss.recon_weight=inf,0.0005", "profile=smoke", "logger=none",
-        "trainer.limit_train_batches=1", "data.val_subset=32", "data.test_subset=32",
-        f"paths.data_dir={mnist_dir}", f"hydra.sweep.dir={sweep_dir}",
+        "train.py",
+        "-m",
+        "loss.recon_weight=inf,0.0005",
+        "profile=smoke",
+        "logger=none",
+        "trainer.limit_train_batches=1",
+        "data.val_subset=32",
+        "data.test_subset=32",
+        f"paths.data_dir={mnist_dir}",
+        f"hydra.sweep.dir={sweep_dir}",
     )
     assert result.returncode == 0, result.stderr[-2000:]
     records = {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/metrics.json")}
@@ -215,12 +247,23 @@ def test_eval_cli_on_a_trained_checkpoint(tmp_path: Path, make_cfg, mnist_dir: P
     assert run(cfg)["status"] == "completed"
     ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
     out = tmp_path / "eval"
-    result = run_cli("eval.py", f"ckpt_path={ckpt}", "data.test_subset=64", f"paths.data_dir={mnist_dir}",
-                     "trainer=cpu", f"hydra.run.dir={out}")
+    result = run_cli(
+        "eval.py",
+        f"ckpt_path={ckpt}",
+        "data.test_subset=64",
+        f"paths.data_dir={mnist_dir}",
+        "trainer=cpu",
+        f"hydra.run.dir={out}",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     record = json.loads((out / "metrics.json").read_text())
     assert record["model"] == "capsnet" and 0 <= record["test_error"] <= 1
     assert (out / "figures" / "reconstructions.png").is_file()
-    refused = run_cli("eval.py", f"ckpt_path={ckpt}", "data=multimnist", f"paths.data_dir={mnist_dir}",
-                      f"hydra.run.dir={tmp_path / 'refused'}")
+    refused = run_cli(
+        "eval.py",
+        f"ckpt_path={ckpt}",
+        "data=multimnist",
+        f"paths.data_dir={mnist_dir}",
+        f"hydra.run.dir={tmp_path / 'refused'}",
+    )
     assert refused.returncode == 2 and "trained for other inputs" in refused.stderr

@@ -18,8 +18,14 @@ from capsnet.signature import ResumeMismatchError
 from capsnet.training import build_trainer, run
 from conftest import CONF, run_cli
 
-SMALL = ["trainer.limit_train_batches=4", "data.batch_size=8", "data.val_subset=32", "data.test_subset=32",
-         "figures=false", "checkpoint.every_n_steps=2"]
+SMALL = [
+    "trainer.limit_train_batches=4",
+    "data.batch_size=8",
+    "data.val_subset=32",
+    "data.test_subset=32",
+    "figures=false",
+    "checkpoint.every_n_steps=2",
+]
 FAIL_AT_3 = ["+callbacks.crash._target_=apps.probes.FailAt", "+callbacks.crash.step=3"]
 
 
@@ -78,8 +84,10 @@ def test_a_refused_run_never_deletes_other_runs_or_user_files(tmp_path: Path, mn
     assert result.returncode == 2 and not fresh.exists()  # what this invocation made is gone
 
 
-@pytest.mark.parametrize(("overrides", "run_dir"), [((), "outputs/default/defaults"),
-                                                   (("routing.iters=1",), "outputs/default/routing.iters=1")])
+@pytest.mark.parametrize(
+    ("overrides", "run_dir"),
+    [((), "outputs/default/defaults"), (("routing.iters=1",), "outputs/default/routing.iters=1")],
+)
 def test_the_plain_command_has_its_own_run_dir(overrides: tuple[str, ...], run_dir: str) -> None:
     cfg = _compose(*overrides)
     HydraConfig().set_config(cfg)
@@ -94,17 +102,37 @@ def test_the_learning_rate_schedule_comes_with_the_data(data: str, decay: int) -
 
 
 def test_best_checkpoint_survives_a_moved_run_dir(make_cfg, tmp_path: Path) -> None:
-    two_epochs = ["trainer.max_epochs=2", "trainer.limit_train_batches=10", "data.batch_size=64", "data.train_subset=640",
-                  "data.val_subset=100", "data.test_subset=32", "figures=false", "checkpoint.every_n_steps=2",
-                  "logger=csv"]
-    first = run(make_cfg(*two_epochs, "+callbacks.crash._target_=apps.probes.FailAt", "+callbacks.crash.step=12",
-                         output_dir=tmp_path / "before"))
+    two_epochs = [
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=10",
+        "data.batch_size=64",
+        "data.train_subset=640",
+        "data.val_subset=100",
+        "data.test_subset=32",
+        "figures=false",
+        "checkpoint.every_n_steps=2",
+        "logger=csv",
+    ]
+    first = run(
+        make_cfg(
+            *two_epochs,
+            "+callbacks.crash._target_=apps.probes.FailAt",
+            "+callbacks.crash.step=12",
+            output_dir=tmp_path / "before",
+        )
+    )
     assert first["status"] == "failed"  # after epoch 0 validated, inside epoch 1
     val_errors = _val_errors(tmp_path / "before")
     shutil.move(tmp_path / "before", tmp_path / "after")
     # epoch 1 is made worse on purpose: only a remembered epoch-0 score keeps best.ckpt from it
-    record = run(make_cfg(*two_epochs, "+callbacks.worse._target_=apps.probes.ZeroWeightsAt",
-                          "+callbacks.worse.step=12", output_dir=tmp_path / "after"))
+    record = run(
+        make_cfg(
+            *two_epochs,
+            "+callbacks.worse._target_=apps.probes.ZeroWeightsAt",
+            "+callbacks.worse.step=12",
+            output_dir=tmp_path / "after",
+        )
+    )
     assert record["status"] == "completed" and "resumed_from" in record
     assert Path(record["best_checkpoint"]) == tmp_path / "after" / "checkpoints" / "best.ckpt"
     val_errors += _val_errors(tmp_path / "after")
@@ -118,8 +146,15 @@ def _val_errors(run_dir: Path) -> list[float]:
 
 
 def test_under_slurm_submitit_alone_requeues(make_cfg, monkeypatch) -> None:
-    for key, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "capsnet", "SLURM_JOB_ID": "7", "SLURM_NODELIST": "n1",
-                       "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}.items():
+    for key, value in {
+        "SLURM_NTASKS": "1",
+        "SLURM_JOB_NAME": "capsnet",
+        "SLURM_JOB_ID": "7",
+        "SLURM_NODELIST": "n1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+    }.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(SLURMEnvironment, "_validate_srun_used", staticmethod(lambda: None))
     cfg = make_cfg(*SMALL)
@@ -132,10 +167,23 @@ def test_under_slurm_submitit_alone_requeues(make_cfg, monkeypatch) -> None:
 def test_history_is_kept_by_a_crash_and_a_resume_never_lists_an_epoch_twice(make_cfg, tmp_path: Path) -> None:
     from capsnet.history import read_history
 
-    args = ["trainer.max_epochs=3", "trainer.limit_train_batches=3", "data.batch_size=8", "data.val_subset=16",
-            "data.test_subset=16", "figures=false", "checkpoint.every_n_steps=4"]
-    crashed = run(make_cfg(*args, "+callbacks.crash._target_=apps.probes.FailAt", "+callbacks.crash.step=7",
-                           output_dir=tmp_path / "run"))
+    args = [
+        "trainer.max_epochs=3",
+        "trainer.limit_train_batches=3",
+        "data.batch_size=8",
+        "data.val_subset=16",
+        "data.test_subset=16",
+        "figures=false",
+        "checkpoint.every_n_steps=4",
+    ]
+    crashed = run(
+        make_cfg(
+            *args,
+            "+callbacks.crash._target_=apps.probes.FailAt",
+            "+callbacks.crash.step=7",
+            output_dir=tmp_path / "run",
+        )
+    )
     assert crashed["status"] == "failed"
     assert [row["epoch"] for row in read_history(tmp_path / "run")] == [0, 1]  # what it had, kept
     # last.ckpt is from step 4, inside epoch 1: the resume trains epoch 1 again and rewrites its row
@@ -144,5 +192,7 @@ def test_history_is_kept_by_a_crash_and_a_resume_never_lists_an_epoch_twice(make
     assert record["status"] == "completed" and record["resumed_from"].endswith("last.ckpt")
     assert [row["epoch"] for row in rows] == [0, 1, 2] and [row["step"] for row in rows] == [3, 6, 9]
     assert rows[2]["wall_time_s"] > rows[1]["wall_time_s"] > rows[0]["wall_time_s"] > 0
-    assert {"train_loss", "train_margin_loss", "train_recon_loss", "val_error", "lr", "train_images_per_s"} <= set(rows[0])
+    assert {"train_loss", "train_margin_loss", "train_recon_loss", "val_error", "lr", "train_images_per_s"} <= set(
+        rows[0]
+    )
     assert record["history"]["epochs"] == 3 and record["history"]["best_epoch"] in (0, 1, 2)

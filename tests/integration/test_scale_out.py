@@ -21,10 +21,19 @@ STEADY = range(4, 24)  # ~20 steps after warm-up
 
 def _audited_run(make_cfg, tmp_path: Path, data: str, nan_check_every: int) -> SyncAudit:
     cfg = make_cfg(
-        f"data={data}", "trainer.limit_train_batches=24", "data.batch_size=8", "data.train_subset=256",
-        "data.val_subset=16", "data.test_subset=16", "figures=false", "logger=csv",
-        f"nan_check_every={nan_check_every}", "trainer.log_every_n_steps=1000", "checkpoint.every_n_steps=1000",
-        "+callbacks.syncs._target_=sync_audit.PerStepSyncs", output_dir=tmp_path / f"{data}_{nan_check_every}",
+        f"data={data}",
+        "trainer.limit_train_batches=24",
+        "data.batch_size=8",
+        "data.train_subset=256",
+        "data.val_subset=16",
+        "data.test_subset=16",
+        "figures=false",
+        "logger=csv",
+        f"nan_check_every={nan_check_every}",
+        "trainer.log_every_n_steps=1000",
+        "checkpoint.every_n_steps=1000",
+        "+callbacks.syncs._target_=sync_audit.PerStepSyncs",
+        output_dir=tmp_path / f"{data}_{nan_check_every}",
     )
     cfg.trainer.enable_progress_bar = True  # the progress bar used to read the loss at every refresh
     AUDIT.__init__()
@@ -55,8 +64,9 @@ def test_batches_are_sliced_on_the_training_device(module_class, mnist_dir: Path
     datamodule = module_class(data_dir=str(mnist_dir), batch_size=32, train_subset=256, val_subset=64, test_subset=64)
     datamodule.setup("fit")
     strategy = SimpleNamespace(root_device=torch.device("meta"))
-    datamodule.trainer = SimpleNamespace(strategy=strategy, global_rank=0, world_size=1, current_epoch=0,
-                                         global_step=0, num_training_batches=8)
+    datamodule.trainer = SimpleNamespace(
+        strategy=strategy, global_rank=0, world_size=1, current_epoch=0, global_step=0, num_training_batches=8
+    )
     for loader in (datamodule.train_dataloader(), datamodule.val_dataloader(), datamodule.test_dataloader()):
         batches = list(loader)
         assert batches and all(t.device.type == "meta" for batch in batches for t in batch)
@@ -64,15 +74,31 @@ def test_batches_are_sliced_on_the_training_device(module_class, mnist_dir: Path
     assert datamodule.train_dataloader().tensors[0] is first  # moved once, then reused
 
 
-DDP_ARGS = ["profile=smoke", "logger=none", "figures=false", "data.batch_size=12", "data.train_subset=48",
-            "trainer.limit_train_batches=null", "data.val_subset=50", "data.test_subset=100",
-            "data.eval_batch_size=16", "checkpoint.every_n_steps=100"]
+DDP_ARGS = [
+    "profile=smoke",
+    "logger=none",
+    "figures=false",
+    "data.batch_size=12",
+    "data.train_subset=48",
+    "trainer.limit_train_batches=null",
+    "data.val_subset=50",
+    "data.test_subset=100",
+    "data.eval_batch_size=16",
+    "checkpoint.every_n_steps=100",
+]
 
 
 def _ddp_run(tmp_path: Path, mnist_dir: Path, name: str, *trainer: str) -> tuple[dict, dict[int, float]]:
     run_dir, losses = tmp_path / name, tmp_path / f"{name}_losses"
-    result = run_cli("train.py", *DDP_ARGS, *trainer, f"paths.data_dir={mnist_dir}", f"hydra.run.dir={run_dir}",
-                     "+callbacks.losses._target_=apps.probes.StepLosses", f"+callbacks.losses.path={losses}")
+    result = run_cli(
+        "train.py",
+        *DDP_ARGS,
+        *trainer,
+        f"paths.data_dir={mnist_dir}",
+        f"hydra.run.dir={run_dir}",
+        "+callbacks.losses._target_=apps.probes.StepLosses",
+        f"+callbacks.losses.path={losses}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for path in losses.glob("rank*.jsonl") for line in path.read_text().splitlines()]
     by_step: dict[int, list[dict]] = {}
@@ -88,8 +114,9 @@ def test_ddp_on_2_and_3_processes_trains_like_one_process(tmp_path: Path, mnist_
     assert single["steps"] == 4 and sorted(single_losses) == [0, 1, 2, 3]
     largest = {}
     for world in (2, 3):
-        record, losses = _ddp_run(tmp_path, mnist_dir, f"ddp{world}", "trainer=ddp", "trainer.accelerator=cpu",
-                                  f"trainer.devices={world}")
+        record, losses = _ddp_run(
+            tmp_path, mnist_dir, f"ddp{world}", "trainer=ddp", "trainer.accelerator=cpu", f"trainer.devices={world}"
+        )
         assert record["status"] == "completed" and record["world_size"] == world
         assert record["steps"] == single["steps"] == 4  # the one-process number of steps
         assert record["global_batch"] == 12
@@ -105,8 +132,16 @@ def test_ddp_on_2_and_3_processes_trains_like_one_process(tmp_path: Path, mnist_
 
 def test_a_global_batch_the_world_does_not_divide_is_refused(tmp_path: Path, mnist_dir: Path) -> None:
     run_dir = tmp_path / "run"
-    result = run_cli("train.py", *DDP_ARGS, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=3",
-                     "data.batch_size=16", f"paths.data_dir={mnist_dir}", f"hydra.run.dir={run_dir}")
+    result = run_cli(
+        "train.py",
+        *DDP_ARGS,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=3",
+        "data.batch_size=16",
+        f"paths.data_dir={mnist_dir}",
+        f"hydra.run.dir={run_dir}",
+    )
     assert result.returncode == 2
     assert "invalid config value data.batch_size=16" in result.stderr and "multiple of 3, e.g. 15" in result.stderr
     assert not run_dir.exists()
@@ -114,8 +149,17 @@ def test_a_global_batch_the_world_does_not_divide_is_refused(tmp_path: Path, mni
 
 def test_ddp_inside_a_local_sweep_is_refused_with_what_to_do(tmp_path: Path, mnist_dir: Path) -> None:
     sweep_dir = tmp_path / "sweep"
-    result = run_cli("train.py", "-m", *DDP_ARGS, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                     "routing.iters=1,3", f"paths.data_dir={mnist_dir}", f"hydra.sweep.dir={sweep_dir}")
+    result = run_cli(
+        "train.py",
+        "-m",
+        *DDP_ARGS,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "routing.iters=1,3",
+        f"paths.data_dir={mnist_dir}",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
     assert result.returncode == 2
     assert "cannot run inside a local sweep" in result.stderr and "hydra/launcher=ray_gpus" in result.stderr
     assert not list(sweep_dir.glob("*/metrics.json"))
@@ -123,8 +167,17 @@ def test_ddp_inside_a_local_sweep_is_refused_with_what_to_do(tmp_path: Path, mni
 
 @pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed", "16-mixed", "64-true"])
 def test_every_trainer_precision_trains(make_cfg, tmp_path: Path, precision: str) -> None:
-    record = run(make_cfg(f"trainer.precision={precision}", "trainer.limit_train_batches=2", "data.batch_size=8",
-                          "data.val_subset=16", "data.test_subset=16", "figures=false", output_dir=tmp_path / precision))
+    record = run(
+        make_cfg(
+            f"trainer.precision={precision}",
+            "trainer.limit_train_batches=2",
+            "data.batch_size=8",
+            "data.val_subset=16",
+            "data.test_subset=16",
+            "figures=false",
+            output_dir=tmp_path / precision,
+        )
+    )
     assert record["status"] == "completed", record
     assert record["precision"] == precision and record["signature"]["trainer.precision"] == precision
 
@@ -142,7 +195,7 @@ def test_matmul_precision_and_compile_mode_settings(make_cfg, tmp_path: Path) ->
         apply_matmul_precision("highest")
     assert make_cfg("profile=fast").perf.matmul_precision == "high"
     assert make_cfg("profile=paper").perf.matmul_precision == "highest"
-    with pytest.raises(ConfigError, match="perf.compile"):
+    with pytest.raises(ConfigError, match=r"perf\.compile"):
         run(make_cfg("perf.compile=fastest", output_dir=tmp_path / "bad"))
     assert make_cfg("perf.compile=reduce-overhead").perf.compile == "reduce-overhead"
 

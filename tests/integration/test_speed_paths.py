@@ -16,8 +16,14 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "bench"))
 from plain_capsnet import PlainCapsNet, copy_weights
 
-LOSS = {"m_pos": 0.9, "m_neg": 0.1, "lam": 0.5, "recon_weight": 0.0005, "official_scaling": False,
-        "mask_with_label_at_test": False}
+LOSS = {
+    "m_pos": 0.9,
+    "m_neg": 0.1,
+    "lam": 0.5,
+    "recon_weight": 0.0005,
+    "official_scaling": False,
+    "mask_with_label_at_test": False,
+}
 OPTIM = {"lr": 1e-3, "decay_rate": 0.96, "decay_steps": 2000}
 DATA = {"image_size": 28, "in_channels": 1, "num_classes": 10, "task": "single"}
 
@@ -43,7 +49,8 @@ def _our_grads(module: CapsNetModule) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     ("channels_last", "bf16", "compiled", "iterations"),
-    [(*combo, 3) for combo in itertools.product([False, True], [False, True], [False, True])] + [(False, False, False, 1)],
+    [(*combo, 3) for combo in itertools.product([False, True], [False, True], [False, True])]
+    + [(False, False, False, 1)],
 )
 def test_switches_match_plain_implementation(channels_last: bool, bf16: bool, compiled: bool, iterations: int) -> None:
     torch.manual_seed(0)

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
-import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from capsnet.table import build_table, load_records, to_markdown
-from capsnet.training import run
 from conftest import CONF, run_cli
 from wandb_log import wait_for_bytes
 
-TINY = ["trainer.limit_train_batches=1", "data.batch_size=8", "data.val_subset=16", "data.test_subset=16", "figures=false"]
+TINY = [
+    "trainer.limit_train_batches=1",
+    "data.batch_size=8",
+    "data.val_subset=16",
+    "data.test_subset=16",
+    "figures=false",
+]
 
 
 def _compose(*overrides: str):
@@ -47,8 +50,17 @@ def test_launcher_configs_compose() -> None:
 def test_smoke_table1_sweep_builds_the_table(tmp_path: Path, mnist_dir: Path) -> None:
     sweep_dir = tmp_path / "table1"
     result = run_cli(
-        "train.py", "-m", "experiment=table1", "profile=smoke", "logger=none", "routing.iters=1,3",
-        "recon=true,false", "seed=0", *TINY, f"paths.data_dir={mnist_dir}", f"hydra.sweep.dir={sweep_dir}",
+        "train.py",
+        "-m",
+        "experiment=table1",
+        "profile=smoke",
+        "logger=none",
+        "routing.iters=1,3",
+        "recon=true,false",
+        "seed=0",
+        *TINY,
+        f"paths.data_dir={mnist_dir}",
+        f"hydra.sweep.dir={sweep_dir}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     records = load_records([sweep_dir])
@@ -57,12 +69,22 @@ def test_smoke_table1_sweep_builds_the_table(tmp_path: Path, mnist_dir: Path) ->
     markdown = to_markdown(build_table(records, profile="smoke"))
     assert "(profile: smoke)" in markdown
     filled = [line for line in markdown.splitlines() if "(n=1)" in line]
-    assert {line.split("|")[1].strip() + line.split("|")[2].strip() + line.split("|")[3].strip() for line in filled} == {
-        "Baseline CNN––", "CapsNet1no", "CapsNet1yes", "CapsNet3no", "CapsNet3yes"}
+    assert {
+        line.split("|")[1].strip() + line.split("|")[2].strip() + line.split("|")[3].strip() for line in filled
+    } == {"Baseline CNN––", "CapsNet1no", "CapsNet1yes", "CapsNet3no", "CapsNet3yes"}
 
     rerun = run_cli(
-        "train.py", "-m", "experiment=table1", "profile=smoke", "logger=none", "routing.iters=1", "recon=true",
-        "seed=0", *TINY, f"paths.data_dir={mnist_dir}", f"hydra.sweep.dir={sweep_dir}",
+        "train.py",
+        "-m",
+        "experiment=table1",
+        "profile=smoke",
+        "logger=none",
+        "routing.iters=1",
+        "recon=true",
+        "seed=0",
+        *TINY,
+        f"paths.data_dir={mnist_dir}",
+        f"hydra.sweep.dir={sweep_dir}",
     )
     assert rerun.returncode == 0
     assert "already completed; skipping" in rerun.stderr + rerun.stdout
@@ -77,9 +99,20 @@ def test_table_logged_to_wandb_offline(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     run_dir = tmp_path / "runs" / "r3"
     run_dir.mkdir(parents=True)
-    (run_dir / "metrics.json").write_text(json.dumps({
-        "model": "capsnet", "data": "mnist", "routing_iters": 3, "recon": True, "seed": 0,
-        "profile": "smoke", "status": "completed", "test_error": 0.5}))
+    (run_dir / "metrics.json").write_text(
+        json.dumps(
+            {
+                "model": "capsnet",
+                "data": "mnist",
+                "routing_iters": 3,
+                "recon": True,
+                "seed": 0,
+                "profile": "smoke",
+                "status": "completed",
+                "test_error": 0.5,
+            }
+        )
+    )
     main([str(tmp_path / "runs"), "--out", str(tmp_path / "results"), "--wandb"])
     (run_file,) = (tmp_path / "results" / "wandb").glob("offline-run-*/run-*.wandb")
     assert b"table1" in wait_for_bytes(run_file, (b"table1",))

@@ -12,7 +12,10 @@ from conftest import run_cli
 def test_capsnet_learns_on_real_mnist(make_cfg) -> None:
     """~1.5k real digits, one epoch of 24 steps: far better than chance (90% error)."""
     cfg = make_cfg(
-        "data.train_subset=1536", "data.batch_size=64", "data.val_subset=500", "data.test_subset=500",
+        "data.train_subset=1536",
+        "data.batch_size=64",
+        "data.val_subset=500",
+        "data.test_subset=500",
         "trainer.limit_train_batches=null",
     )
     record = run(cfg)
@@ -24,8 +27,20 @@ def test_capsnet_learns_on_real_mnist(make_cfg) -> None:
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "checkpoints" / "best.ckpt").is_file()
     on_disk = json.loads((run_dir / "metrics.json").read_text())
-    for key in ("model", "data", "routing_iters", "recon", "seed", "val_error", "test_error",
-                "epochs", "steps", "wall_time_s", "git_commit", "status"):
+    for key in (
+        "model",
+        "data",
+        "routing_iters",
+        "recon",
+        "seed",
+        "val_error",
+        "test_error",
+        "epochs",
+        "steps",
+        "wall_time_s",
+        "git_commit",
+        "status",
+    ):
         assert key in on_disk, key
     assert on_disk["routing_iters"] == 3 and on_disk["recon"] is True and on_disk["model"] == "capsnet"
 
@@ -40,9 +55,17 @@ def test_baseline_trains_a_few_steps(make_cfg) -> None:
 def test_smoke_multirun_writes_four_metrics(tmp_path: Path, mnist_dir: Path) -> None:
     sweep_dir = tmp_path / "sweep"
     result = run_cli(
-        "train.py", "-m", "routing.iters=1,3", "recon=true,false", "profile=smoke", "logger=none",
-        "trainer.limit_train_batches=2", "data.val_subset=64", "data.test_subset=64",
-        f"paths.data_dir={mnist_dir}", f"hydra.sweep.dir={sweep_dir}",
+        "train.py",
+        "-m",
+        "routing.iters=1,3",
+        "recon=true,false",
+        "profile=smoke",
+        "logger=none",
+        "trainer.limit_train_batches=2",
+        "data.val_subset=64",
+        "data.test_subset=64",
+        f"paths.data_dir={mnist_dir}",
+        f"hydra.sweep.dir={sweep_dir}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/metrics.json"))]

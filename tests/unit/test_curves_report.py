@@ -20,9 +20,20 @@ def _run(root: Path, name: str, seed: int, val_errors: list[float], test_error: 
     rows = ["epoch,step,val_error,lr,train_images_per_s,epoch_time_s,wall_time_s"]
     rows += [f"{e},{(e + 1) * 10},{v},0.001,100,5,{5 * (e + 1)}" for e, v in enumerate(val_errors)]
     (run_dir / "history.csv").write_text("\n".join(rows) + "\n")
-    record = {"model": "capsnet", "data": "mnist", "routing_iters": 3, "recon": True, "seed": seed, "profile": "fast",
-              "status": "completed", "val_error": min(val_errors), "test_error": test_error, "steps": 10 * len(val_errors),
-              "wall_time_s": 5.0 * len(val_errors), "history": summarize(read_history(run_dir))}
+    record = {
+        "model": "capsnet",
+        "data": "mnist",
+        "routing_iters": 3,
+        "recon": True,
+        "seed": seed,
+        "profile": "fast",
+        "status": "completed",
+        "val_error": min(val_errors),
+        "test_error": test_error,
+        "steps": 10 * len(val_errors),
+        "wall_time_s": 5.0 * len(val_errors),
+        "history": summarize(read_history(run_dir)),
+    }
     (run_dir / "metrics.json").write_text(json.dumps(record))
     if figures:
         (run_dir / "figures").mkdir()
@@ -35,8 +46,13 @@ def test_seed_curves_and_history_summary(tmp_path: Path) -> None:
     b = _run(tmp_path, "b", 1, [0.06, 0.03], 0.02)
     curves = seed_curves([str(a), str(b)])
     assert curves == {0: [4.0, 6.0], 1: [2.0, 3.0], 2: [1.0]}  # percent, one value per seed reaching the epoch
-    assert summarize(read_history(a)) == {"epochs": 3, "best_epoch": 2, "best_val_error": 0.01,
-                                          "mean_train_images_per_s": 100.0, "mean_epoch_time_s": 5.0}
+    assert summarize(read_history(a)) == {
+        "epochs": 3,
+        "best_epoch": 2,
+        "best_val_error": 0.01,
+        "mean_train_images_per_s": 100.0,
+        "mean_epoch_time_s": 5.0,
+    }
 
 
 def test_table_writes_curves_and_the_report_names_every_source(tmp_path: Path) -> None:
@@ -52,7 +68,9 @@ def test_table_writes_curves_and_the_report_names_every_source(tmp_path: Path) -
     assert "![curves_mnist](curves_mnist.png)" in report
     assert f"`{first}`" in report and f"`{second}`" in report  # the runs behind the cell
     # the best run is chosen on validation error, and its figures are copied beside the report
-    assert f"### mnist: `{first}`" in report and "validation error 1.00% (best after 3 epochs), test error 1.20%" in report
+    assert (
+        f"### mnist: `{first}`" in report and "validation error 1.00% (best after 3 epochs), test error 1.20%" in report
+    )
     assert "(report/mnist_reconstructions.png)" in report and (out / "report" / "mnist_reconstructions.png").is_file()
 
 

@@ -61,5 +61,7 @@ def test_run_figures_written(tmp_path: Path) -> None:
     assert names == {"samples_test.png", "reconstructions.png", "dimension_perturbation.png", "routing_convergence.png"}
     multi = CapsNet(input_size=36, routing_iterations=1).eval()
     parts = torch.rand(4, 2, 1, 36, 36)
-    names = {p.name for p in write_run_figures(multi, {"test": (parts.sum(1).clamp(max=1), None, parts)}, tmp_path, "multi")}
+    names = {
+        p.name for p in write_run_figures(multi, {"test": (parts.sum(1).clamp(max=1), None, parts)}, tmp_path, "multi")
+    }
     assert names == {"samples_test.png", "samples_test_parts.png", "reconstructions_multimnist.png"}

@@ -37,8 +37,10 @@ def test_position_resumes_at_the_first_untrained_batch() -> None:
 def test_ranks_split_each_global_batch_of_the_single_process_order(world: int) -> None:
     data = (torch.arange(50),)
     single = _indices(TrainBatches(data, batch_size=12, seed=1, position=lambda: (3, 0)))
-    ranks = [_indices(TrainBatches(data, batch_size=12, seed=1, position=lambda: (3, 0), rank=r, world_size=world))
-             for r in range(world)]
+    ranks = [
+        _indices(TrainBatches(data, batch_size=12, seed=1, position=lambda: (3, 0), rank=r, world_size=world))
+        for r in range(world)
+    ]
     assert all(len(r) == len(single) == 4 for r in ranks)  # same number of steps as one process
     for step, batch in enumerate(single):
         parts = [r[step] for r in ranks]

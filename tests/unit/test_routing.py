@@ -9,15 +9,17 @@ import torch
 from capsnet.routing import capsule_lengths, dynamic_routing, squash
 
 
-def reference_routing(u_hat: np.ndarray, iterations: int) -> tuple[np.ndarray, np.ndarray]:
-    """Procedure 1 written out loop by loop, one example at a time, in float64 numpy."""
+def reference_routing(u_hat: np.ndarray, iterations: int, leaky: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Procedure 1 written out loop by loop, one example at a time, in float64 numpy.
+    ``leaky``: the official code's softmax over [0, b_i1, ..., b_iJ], the first share dropped."""
     batch, children, parents, dim = u_hat.shape
     v_out = np.zeros((batch, parents, dim))
     c_out = np.zeros((batch, children, parents))
     for b in range(batch):
         logits = np.zeros((children, parents))
         for it in range(iterations):
-            c = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+            denominator = np.exp(logits).sum(axis=1, keepdims=True) + (1.0 if leaky else 0.0)  # exp(0) = 1
+            c = np.exp(logits) / denominator
             v = np.zeros((parents, dim))
             for j in range(parents):
                 s = sum(c[i, j] * u_hat[b, i, j] for i in range(children))
@@ -40,6 +42,19 @@ def test_routing_matches_float64_reference(iterations: int) -> None:
     assert v.dtype == torch.float64
     np.testing.assert_allclose(v.numpy(), v_ref, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(c.numpy(), c_ref, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("iterations", [1, 3, 5])
+def test_leaky_routing_matches_float64_reference(iterations: int) -> None:
+    rng = np.random.default_rng(10 + iterations)
+    u_hat = rng.normal(scale=0.3, size=(3, 12, 10, 16))
+    v, c = dynamic_routing(torch.from_numpy(u_hat), iterations, leaky=True)
+    v_ref, c_ref = reference_routing(u_hat, iterations, leaky=True)
+    np.testing.assert_allclose(v.numpy(), v_ref, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(c.numpy(), c_ref, rtol=1e-6, atol=1e-9)
+    assert (c.sum(dim=2) < 1).all()  # the leak keeps a share of every child
+    if iterations == 1:  # uniform over J parents and the leak: 1 / (J + 1) each
+        np.testing.assert_allclose(c.numpy(), 1 / 11)
 
 
 def test_one_iteration_is_uniform_coupling() -> None:

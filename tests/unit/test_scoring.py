@@ -13,11 +13,13 @@ def test_single_label_error() -> None:
 
 
 def test_two_longest_must_equal_the_label_set() -> None:
-    lengths = torch.tensor([
-        [0.9, 0.8, 0.1, 0.0],   # top two {0, 1}
-        [0.9, 0.8, 0.1, 0.0],   # labels given in the other order: still right
-        [0.9, 0.1, 0.8, 0.0],   # top two {0, 2} vs {0, 1}: wrong
-        [0.2, 0.3, 0.1, 0.95],  # {3, 1} vs {0, 1}: wrong
-    ])
+    lengths = torch.tensor(
+        [
+            [0.9, 0.8, 0.1, 0.0],  # top two {0, 1}
+            [0.9, 0.8, 0.1, 0.0],  # labels given in the other order: still right
+            [0.9, 0.1, 0.8, 0.0],  # top two {0, 2} vs {0, 1}: wrong
+            [0.2, 0.3, 0.1, 0.95],  # {3, 1} vs {0, 1}: wrong
+        ]
+    )
     labels = torch.tensor([[0, 1], [1, 0], [0, 1], [0, 1]])
     torch.testing.assert_close(top_k_error(lengths, labels), torch.tensor([0.0, 0.0, 1.0, 1.0]))

@@ -5,19 +5,32 @@ from __future__ import annotations
 from capsnet.signature import SCHEDULE_LENGTH_KEYS, configuration, differences, run_signature
 
 RESOLVED = {
-    "seed": 0, "recon": True, "routing": {"iters": 3}, "experiment_name": "table1", "figures": True,
-    "paths": {"data_dir": "/data", "output_dir": "/runs/x"}, "logger": {"_target_": "CSVLogger"},
+    "seed": 0,
+    "recon": True,
+    "routing": {"iters": 3},
+    "experiment_name": "table1",
+    "figures": True,
+    "paths": {"data_dir": "/data", "output_dir": "/runs/x"},
+    "logger": {"_target_": "CSVLogger"},
     "data": {"name": "mnist", "batch_size": 128, "eval_batch_size": 500},
     "trainer": {"precision": "32-true", "devices": 8, "accelerator": "gpu", "max_epochs": 15},
-    "optim": {"lr": 0.001}, "perf": {"compile": False, "matmul_precision": "high"},
+    "optim": {"lr": 0.001},
+    "perf": {"compile": False, "matmul_precision": "high"},
 }
 
 
 def test_signature_keeps_what_decides_the_result_and_adds_the_world_size() -> None:
     signature = run_signature(RESOLVED, world_size=8)
     assert signature == {
-        "data.batch_size": 128, "data.name": "mnist", "optim.lr": 0.001, "perf.matmul_precision": "high",
-        "recon": True, "routing.iters": 3, "seed": 0, "trainer.max_epochs": 15, "trainer.precision": "32-true",
+        "data.batch_size": 128,
+        "data.name": "mnist",
+        "optim.lr": 0.001,
+        "perf.matmul_precision": "high",
+        "recon": True,
+        "routing.iters": 3,
+        "seed": 0,
+        "trainer.max_epochs": 15,
+        "trainer.precision": "32-true",
         "world_size": 8,
     }
     assert "seed" not in configuration(signature) and "world_size" not in configuration(signature)
@@ -28,9 +41,14 @@ def test_differences_name_each_key_and_may_ignore_the_schedule_length() -> None:
     longer = {**RESOLVED, "trainer": {**RESOLVED["trainer"], "max_epochs": 30, "precision": "bf16-mixed"}}
     after = run_signature(longer, world_size=2)
     assert differences(before, after) == [
-        "trainer.max_epochs: 15 -> 30", "trainer.precision: '32-true' -> 'bf16-mixed'", "world_size: 1 -> 2"]
+        "trainer.max_epochs: 15 -> 30",
+        "trainer.precision: '32-true' -> 'bf16-mixed'",
+        "world_size: 1 -> 2",
+    ]
     assert differences(before, after, ignore=SCHEDULE_LENGTH_KEYS) == [
-        "trainer.precision: '32-true' -> 'bf16-mixed'", "world_size: 1 -> 2"]
+        "trainer.precision: '32-true' -> 'bf16-mixed'",
+        "world_size: 1 -> 2",
+    ]
     assert differences(before, before) == []
 
 

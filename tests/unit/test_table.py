@@ -19,16 +19,51 @@ def _write(root: Path, name: str, **record) -> None:
 def _sweep(root: Path) -> Path:
     base = {"data": "mnist", "profile": "fast", "status": "completed"}
     for seed, err in enumerate([0.0025, 0.0030, 0.0020]):
-        _write(root, f"r3_recon_{seed}", model="capsnet", routing_iters=3, recon=True, seed=seed, test_error=err, **base)
+        _write(
+            root, f"r3_recon_{seed}", model="capsnet", routing_iters=3, recon=True, seed=seed, test_error=err, **base
+        )
     _write(root, "r1_norecon_0", model="capsnet", routing_iters=1, recon=False, seed=0, test_error=0.0041, **base)
     _write(root, "baseline_0", model="baseline", routing_iters=None, recon=None, seed=0, test_error=0.004, **base)
-    _write(root, "baseline_skip", model="baseline", routing_iters=None, recon=None, seed=0, status="skipped", data="mnist")
-    _write(root, "r5_nan", model="capsnet", routing_iters=5, recon=True, seed=0, data="mnist", profile="fast",
-           status="failed", error="NonFiniteLossError: non-finite loss at step 7")
-    _write(root, "multi_r3", model="capsnet", routing_iters=3, recon=True, seed=0, data="multimnist",
-           profile="fast", status="completed", test_error=0.06, multimnist_error=0.06)
-    _write(root, "smoke_r3", model="capsnet", routing_iters=3, recon=True, seed=9, data="mnist", profile="smoke",
-           status="completed", test_error=0.9)
+    _write(
+        root, "baseline_skip", model="baseline", routing_iters=None, recon=None, seed=0, status="skipped", data="mnist"
+    )
+    _write(
+        root,
+        "r5_nan",
+        model="capsnet",
+        routing_iters=5,
+        recon=True,
+        seed=0,
+        data="mnist",
+        profile="fast",
+        status="failed",
+        error="NonFiniteLossError: non-finite loss at step 7",
+    )
+    _write(
+        root,
+        "multi_r3",
+        model="capsnet",
+        routing_iters=3,
+        recon=True,
+        seed=0,
+        data="multimnist",
+        profile="fast",
+        status="completed",
+        test_error=0.06,
+        multimnist_error=0.06,
+    )
+    _write(
+        root,
+        "smoke_r3",
+        model="capsnet",
+        routing_iters=3,
+        recon=True,
+        seed=9,
+        data="mnist",
+        profile="smoke",
+        status="completed",
+        test_error=0.9,
+    )
     return root
 
 
@@ -75,25 +110,54 @@ def test_cli_writes_markdown_and_csv(tmp_path: Path, capsys) -> None:
         rows = list(csv.reader(handle))
     assert rows[0][:4] == ["profile", "model", "routing", "reconstruction"]
     header = rows[0]
-    r3 = [dict(zip(header, row)) for row in rows[1:] if row[1:4] == ["CapsNet", "3", "yes"]]
-    assert len(r3) == 1 and [r3[0][c] for c in header[4:8]] == ["0.25 ± 0.05 (n=3)", "0.25 ± 0.005", "6.00 (n=1)", "5.2"]
+    r3 = [dict(zip(header, row, strict=True)) for row in rows[1:] if row[1:4] == ["CapsNet", "3", "yes"]]
+    assert len(r3) == 1 and [r3[0][c] for c in header[4:8]] == [
+        "0.25 ± 0.05 (n=3)",
+        "0.25 ± 0.005",
+        "6.00 (n=1)",
+        "5.2",
+    ]
     # numeric columns: mean and sample std in percent, n, the paper's mean
-    assert float(r3[0]["mnist_mean_pct"]) == pytest.approx(0.25) and float(r3[0]["mnist_std_pct"]) == pytest.approx(0.05)
+    assert float(r3[0]["mnist_mean_pct"]) == pytest.approx(0.25) and float(r3[0]["mnist_std_pct"]) == pytest.approx(
+        0.05
+    )
     assert r3[0]["mnist_n"] == "3" and r3[0]["mnist_paper_pct"] == "0.25" and r3[0]["multimnist_paper_pct"] == "5.2"
     assert len(rows) == 1 + 11
 
 
 def test_affnist_section(tmp_path: Path) -> None:
-    _write(tmp_path, "aff", model="capsnet", routing_iters=3, recon=True, seed=0, data="affnist", profile="fast",
-           status="completed", test_error=0.01, affnist_error=0.25)
+    _write(
+        tmp_path,
+        "aff",
+        model="capsnet",
+        routing_iters=3,
+        recon=True,
+        seed=0,
+        data="affnist",
+        profile="fast",
+        status="completed",
+        test_error=0.01,
+        affnist_error=0.25,
+    )
     markdown = to_markdown(build_table(load_records([tmp_path])))
     assert "| CapsNet 3 | 1.00 (n=1) | 0.77 | 25.00 (n=1) | 21 |" in markdown
 
 
 def _signed(root: Path, name: str, seed: int, err: float, **config) -> None:
     signature = {"optim.lr": 0.001, "trainer.precision": "32-true", "seed": seed, "world_size": 1, **config}
-    _write(root, name, model="capsnet", routing_iters=3, recon=True, seed=seed, data="mnist", profile="fast",
-           status="completed", test_error=err, signature=signature)
+    _write(
+        root,
+        name,
+        model="capsnet",
+        routing_iters=3,
+        recon=True,
+        seed=seed,
+        data="mnist",
+        profile="fast",
+        status="completed",
+        test_error=err,
+        signature=signature,
+    )
 
 
 def test_two_configurations_in_one_row_are_shown_apart_never_averaged(tmp_path: Path) -> None:
@@ -103,8 +167,48 @@ def test_two_configurations_in_one_row_are_shown_apart_never_averaged(tmp_path: 
     _signed(tmp_path, "c0", 0, 0.0040, world_size=4)  # another world size: the same configuration
     markdown = to_markdown(build_table(load_records([tmp_path])))
     lines = [line for line in markdown.splitlines() if "| 3 | yes |" in line]
-    assert any(line.startswith("| CapsNet (optim.lr=0.001) |") and "0.30 ± 0.00 (n=2) ⚠ seed 0 twice" in line
-               for line in lines), lines
+    assert any(
+        line.startswith("| CapsNet (optim.lr=0.001) |") and "0.30 ± 0.00 (n=2) ⚠ seed 0 twice" in line for line in lines
+    ), lines
     assert any(line.startswith("| CapsNet (optim.lr=0.002) |") and "0.50 ± 0.00 (n=2)" in line for line in lines)
     assert "| CapsNet | 3 | yes |  | 0.25 ± 0.005 |" in markdown  # the paper's row itself stays unfilled
     assert "## Seeds run twice (counted once)" in markdown and "`" + str(tmp_path / "c0") + "`" in markdown
+
+
+def test_other_datasets_section_shows_single_models_ensembles_and_the_paper() -> None:
+    from capsnet.table import build_table, to_markdown
+
+    signature = {"data.name": "cifar10", "model.name": "capsnet_cifar10", "seed": 0}
+    runs = [
+        {
+            "model": "capsnet_cifar10",
+            "data": "cifar10",
+            "routing_iters": 3,
+            "recon": True,
+            "seed": seed,
+            "profile": "fast",
+            "status": "completed",
+            "test_error": error,
+            "run_dir": f"multirun/cifar10/seed={seed}",
+            "signature": {**signature, "seed": seed},
+        }
+        for seed, error in ((0, 0.20), (1, 0.22))
+    ]
+    ensemble = {
+        "kind": "ensemble",
+        "model": "capsnet_cifar10",
+        "data": "cifar10",
+        "ensemble_size": 2,
+        "status": "completed",
+        "test_error": 0.18,
+        "member_test_errors": [0.20, 0.22],
+        "run_dir": "multirun/cifar10/ensemble",
+    }
+    table = build_table([*runs, ensemble], profile="fast")
+    rows = {tuple(row[:2]): row for row in table["other"]}
+    assert rows[("CIFAR-10", "capsnet_cifar10 r=3")][2] == "21.00 ± 1.41 (n=2)"
+    assert rows[("CIFAR-10", "capsnet_cifar10 ensemble")][3] == "18.00 (ensemble of 2); members 20.00–22.00"
+    assert rows[("CIFAR-10", "paper")][4] == "10.6 (ensemble of 7)"
+    assert not any(row[0] in ("SVHN", "smallNORB") for row in table["other"])  # nothing run: no rows
+    assert "## Other datasets (§7)" in to_markdown(table)
+    assert table["n_runs"] == 2  # the ensemble record is not a training run

@@ -34,7 +34,7 @@ def test_hash_is_deterministic_uniform_and_key_sensitive() -> None:
     torch.testing.assert_close(u, hash_uniform(7, idx, 0), rtol=0, atol=0)
     assert not torch.equal(u, hash_uniform(8, idx, 0))
     assert not torch.equal(u, hash_uniform(7, idx, 1))
-    assert 0 <= u.min() and u.max() < 1
+    assert u.min() >= 0 and u.max() < 1
     assert abs(u.mean().item() - 0.5) < 0.01
     counts = torch.bincount(hash_int(-2, 2, 3, idx) + 2, minlength=5)
     assert (counts - 20_000).abs().max() < 1_000  # each of the 5 values ~20%
@@ -48,8 +48,12 @@ def test_random_shift_is_a_translation_within_bounds() -> None:
     torch.testing.assert_close(shifted, random_shift(images, 2, 0, 5, idx))
     seen = set()
     for b in range(64):
-        matches = [(dx, dy) for dx in range(-2, 3) for dy in range(-2, 3)
-                   if torch.equal(translate(images[b : b + 1], torch.tensor([dx]), torch.tensor([dy])), shifted[b : b + 1])]
+        matches = [
+            (dx, dy)
+            for dx in range(-2, 3)
+            for dy in range(-2, 3)
+            if torch.equal(translate(images[b : b + 1], torch.tensor([dx]), torch.tensor([dy])), shifted[b : b + 1])
+        ]
         assert len(matches) == 1
         seen.add(matches[0])
     assert len(seen) > 10  # shifts vary across examples

@@ -33,8 +33,15 @@ class AffNIST:
     """
 
     def __init__(
-        self, images: Tensor, labels: Tensor, copies: int = 1, seed: int = 0, size: int = 40,
-        max_rotation_deg: float = 20.0, max_shear: float = 0.2, scale_range: tuple[float, float] = (0.8, 1.2),
+        self,
+        images: Tensor,
+        labels: Tensor,
+        copies: int = 1,
+        seed: int = 0,
+        size: int = 40,
+        max_rotation_deg: float = 20.0,
+        max_shear: float = 0.2,
+        scale_range: tuple[float, float] = (0.8, 1.2),
     ) -> None:
         assert copies >= 1, f"copies must be >= 1, got {copies}"
         self.images, self.labels = images, labels.long()
@@ -57,6 +64,7 @@ class AffNIST:
 
         Shapes: index [B] -> [B, 2, 2] acting on (x, y) column vectors.
         """
+
         def uniform(low: float, high: float, stream: int) -> Tensor:
             return low + (high - low) * hash_uniform(self.seed, index, stream).double()
 
@@ -89,8 +97,15 @@ class AffNIST:
         bottom = torch.where(rows, positions, -torch.inf).amax(1) + 1
         left = torch.where(cols, positions, torch.inf).amin(1)
         right = torch.where(cols, positions, -torch.inf).amax(1) + 1
-        corners = torch.stack([torch.stack([left, top], -1), torch.stack([right, top], -1),
-                               torch.stack([left, bottom], -1), torch.stack([right, bottom], -1)], 1)  # (B,4,2)
+        corners = torch.stack(
+            [
+                torch.stack([left, top], -1),
+                torch.stack([right, top], -1),
+                torch.stack([left, bottom], -1),
+                torch.stack([right, bottom], -1),
+            ],
+            1,
+        )  # (B,4,2)
         moved = corners @ linear.transpose(1, 2)  # (B, 4, 2)
         low, high = moved.amin(1), moved.amax(1)  # (B, 2)
         # Any translation that keeps the transformed box inside the frame, uniformly.
@@ -112,7 +127,9 @@ def load_affnist_mat(path: str | Path) -> tuple[Tensor, Tensor]:
 
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"affNIST file missing: {path.resolve()}. Set data.affnist_mat to a real affNIST .mat file or null.")
+        raise DataError(
+            f"affNIST file missing: {path.resolve()}. Set data.affnist_mat to a real affNIST .mat file or null."
+        )
     try:
         data = scipy.io.loadmat(str(path), squeeze_me=True, struct_as_record=False)["affNISTdata"]
         images = torch.from_numpy(data.image.T.reshape(-1, 40, 40).copy())
@@ -120,7 +137,9 @@ def load_affnist_mat(path: str | Path) -> tuple[Tensor, Tensor]:
         images = images.transpose(1, 2).unsqueeze(1).float() / 255.0
         labels = torch.from_numpy(data.label_int.astype("int64").reshape(-1))
     except Exception as error:
-        raise DataError(f"affNIST file unreadable: {path.resolve()} ({error}); expected the original affNIST .mat layout") from error
+        raise DataError(
+            f"affNIST file unreadable: {path.resolve()} ({error}); expected the original affNIST .mat layout"
+        ) from error
     return images, labels
 
 
@@ -134,9 +153,17 @@ class AffNISTDataModule(MNISTDataModule):
     test_set_names = ("test", "affnist")
 
     def __init__(
-        self, *, copies: int = 1, affnist_seed: int = 0, max_rotation_deg: float = 20.0, max_shear: float = 0.2,
-        scale_range: tuple[float, float] = (0.8, 1.2), affnist_mat: str | None = None,
-        canvas_size: int = 40, max_shift: int = 6, **kwargs: object,
+        self,
+        *,
+        copies: int = 1,
+        affnist_seed: int = 0,
+        max_rotation_deg: float = 20.0,
+        max_shear: float = 0.2,
+        scale_range: tuple[float, float] = (0.8, 1.2),
+        affnist_mat: str | None = None,
+        canvas_size: int = 40,
+        max_shift: int = 6,
+        **kwargs: object,
     ) -> None:
         super().__init__(canvas_size=canvas_size, max_shift=max_shift, **kwargs)  # type: ignore[arg-type]
         self.copies, self.affnist_seed, self.affnist_mat = copies, affnist_seed, affnist_mat
@@ -150,9 +177,13 @@ class AffNISTDataModule(MNISTDataModule):
         super().setup(stage)
         if self.affnist_mat:
             images, labels = load_affnist_mat(self.affnist_mat)
-            self.real_affnist = (images[: self.test_subset], labels[: self.test_subset]) if self.test_subset else (images, labels)
+            self.real_affnist = (
+                (images[: self.test_subset], labels[: self.test_subset]) if self.test_subset else (images, labels)
+            )
         else:
-            self.affnist = AffNIST(*self.test_set, copies=self.copies, seed=self.affnist_seed, size=self.canvas_size, **self.ranges)
+            self.affnist = AffNIST(
+                *self.test_set, copies=self.copies, seed=self.affnist_seed, size=self.canvas_size, **self.ranges
+            )
 
     def test_dataloader(self) -> list[EvalBatches]:
         expanded = self._eval_loader("test", self.test_set)

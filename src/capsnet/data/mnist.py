@@ -31,8 +31,9 @@ class DataError(RuntimeError):
     """A dataset file is missing or corrupt; the message names the file and the fix."""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB chunks."""
+    digest = hashlib.new(algorithm)
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
@@ -46,7 +47,7 @@ def verify_mnist(data_dir: str | Path) -> Path:
         path = raw / name
         if not path.is_file():
             raise DataError(f"MNIST file missing: {path.resolve()}. {HOW_TO_FIX}")
-        actual = _sha256(path)
+        actual = file_digest(path)
         if actual != expected:
             raise DataError(
                 f"MNIST file corrupt: {path.resolve()} has SHA-256 {actual}, expected {expected} "
@@ -158,8 +159,13 @@ class MNISTDataModule(L.LightningDataModule):
     def _train_loader(self, tensors: tuple[Tensor, ...]) -> TrainBatches:
         rank, world = self._rank()
         return TrainBatches(
-            self.on_device("train", tensors), batch_size=self.batch_size, seed=self.seed,
-            position=self._position, rank=rank, world_size=world, fixed_batches=self.overfit_batches,
+            self.on_device("train", tensors),
+            batch_size=self.batch_size,
+            seed=self.seed,
+            position=self._position,
+            rank=rank,
+            world_size=world,
+            fixed_batches=self.overfit_batches,
         )
 
     def _eval_loader(self, name: str, tensors: tuple[Tensor, ...]) -> EvalBatches:
@@ -184,8 +190,10 @@ class MNISTDataModule(L.LightningDataModule):
         """Small CPU batches for figures: shifted training digits and test digits."""
         idx = torch.arange(count)
         train = random_shift(self.place(self.train_set[0][:count]), self.max_shift, self.seed, 0, idx)
-        return {"test": (self.place(self.test_set[0][:count]), self.test_set[1][:count]),
-                "train": (train, self.train_set[1][:count])}
+        return {
+            "test": (self.place(self.test_set[0][:count]), self.test_set[1][:count]),
+            "train": (train, self.train_set[1][:count]),
+        }
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, ...], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         images, labels, idx = batch

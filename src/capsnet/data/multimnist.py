@@ -25,8 +25,13 @@ class MultiMNIST:
     """
 
     def __init__(
-        self, images: Tensor, labels: Tensor, pairs_per_digit: int = 1, seed: int = 0,
-        max_shift: int = 4, size: int = 36,
+        self,
+        images: Tensor,
+        labels: Tensor,
+        pairs_per_digit: int = 1,
+        seed: int = 0,
+        max_shift: int = 4,
+        size: int = 36,
     ) -> None:
         assert images.dim() == 3 and images.dtype == torch.uint8, "images must be uint8 [N, 28, 28]"
         assert pairs_per_digit >= 1, f"pairs_per_digit must be >= 1, got {pairs_per_digit}"
@@ -97,11 +102,21 @@ class MultiMNISTDataModule(MNISTDataModule):
     task = "multi"
 
     def __init__(
-        self, *, pairs_per_digit: int = 1000, eval_pairs_per_digit: int = 1, eval_seed: int = 1234,
-        max_shift: int = 4, canvas_size: int = 36, **kwargs: object,
+        self,
+        *,
+        pairs_per_digit: int = 1000,
+        eval_pairs_per_digit: int = 1,
+        eval_seed: int = 1234,
+        max_shift: int = 4,
+        canvas_size: int = 36,
+        **kwargs: object,
     ) -> None:
         super().__init__(max_shift=max_shift, canvas_size=canvas_size, **kwargs)  # type: ignore[arg-type]
-        self.pairs_per_digit, self.eval_pairs_per_digit, self.eval_seed = pairs_per_digit, eval_pairs_per_digit, eval_seed
+        self.pairs_per_digit, self.eval_pairs_per_digit, self.eval_seed = (
+            pairs_per_digit,
+            eval_pairs_per_digit,
+            eval_seed,
+        )
         self.sets: dict[str, MultiMNIST] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -110,8 +125,12 @@ class MultiMNISTDataModule(MNISTDataModule):
         super().setup(stage)
         self.sets = {
             "train": MultiMNIST(*self.train_set, self.pairs_per_digit, self.seed, self.max_shift, self.canvas_size),
-            "val": MultiMNIST(*self.val_set, self.eval_pairs_per_digit, self.eval_seed, self.max_shift, self.canvas_size),
-            "test": MultiMNIST(*self.test_set, self.eval_pairs_per_digit, self.eval_seed + 1, self.max_shift, self.canvas_size),
+            "val": MultiMNIST(
+                *self.val_set, self.eval_pairs_per_digit, self.eval_seed, self.max_shift, self.canvas_size
+            ),
+            "test": MultiMNIST(
+                *self.test_set, self.eval_pairs_per_digit, self.eval_seed + 1, self.max_shift, self.canvas_size
+            ),
         }
 
     def train_dataloader(self) -> TrainBatches:

@@ -62,9 +62,9 @@ def translate(images: Tensor, dx: Tensor, dy: Tensor) -> Tensor:
     batch, channels, height, width = images.shape
     rows = torch.arange(height, device=images.device).unsqueeze(0) - dy.view(-1, 1)  # (B, H)
     cols = torch.arange(width, device=images.device).unsqueeze(0) - dx.view(-1, 1)  # (B, W)
-    valid = ((rows >= 0) & (rows < height)).view(batch, 1, height, 1) & (
-        (cols >= 0) & (cols < width)
-    ).view(batch, 1, 1, width)
+    valid = ((rows >= 0) & (rows < height)).view(batch, 1, height, 1) & ((cols >= 0) & (cols < width)).view(
+        batch, 1, 1, width
+    )
     rows = rows.clamp(0, height - 1).view(batch, 1, height, 1).expand(batch, channels, height, width)
     cols = cols.clamp(0, width - 1).view(batch, 1, 1, width).expand(batch, channels, height, width)
     out = images.gather(2, rows).gather(3, cols)
@@ -95,3 +95,60 @@ def to_float_images(images: Tensor) -> Tensor:
     if images.dim() == 3:
         images = images.unsqueeze(1)
     return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+
+
+def crop(images: Tensor, top: Tensor, left: Tensor, size: int) -> Tensor:
+    """A size×size window of each image at its own (top, left).
+
+    Shapes: images [B, C, H, W]; top, left [B] -> [B, C, size, size].
+    """
+    batch, channels, _, width = images.shape
+    offsets = torch.arange(size, device=images.device)
+    rows = (top.view(-1, 1) + offsets).view(batch, 1, size, 1).expand(batch, channels, size, width)
+    cols = (left.view(-1, 1) + offsets).view(batch, 1, 1, size).expand(batch, channels, size, size)
+    return images.gather(2, rows).gather(3, cols)
+
+
+def center_crop(images: Tensor, size: int) -> Tensor:
+    """The central size×size patch (the test-time view of a random-crop protocol)."""
+    height, width = images.shape[-2:]
+    top, left = (height - size) // 2, (width - size) // 2
+    return images[..., top : top + size, left : left + size]
+
+
+def random_crop(images: Tensor, size: int, seed: int, *keys: int | Tensor) -> Tensor:
+    """A uniformly placed size×size window per image, a pure function of the keys."""
+    height, width = images.shape[-2:]
+    batch = images.shape[0]
+    top = hash_int(0, height - size, seed, *keys, 2, device=images.device).expand(batch)
+    left = hash_int(0, width - size, seed, *keys, 3, device=images.device).expand(batch)
+    return crop(images, top, left, size)
+
+
+def random_flip(images: Tensor, seed: int, *keys: int | Tensor) -> Tensor:
+    """Mirror left-right with probability 1/2 per image."""
+    flip = hash_int(0, 1, seed, *keys, 4, device=images.device).bool().view(-1, 1, 1, 1)
+    return torch.where(flip, images.flip(-1), images)
+
+
+def random_brightness_contrast(
+    images: Tensor, max_delta: float, contrast: tuple[float, float], seed: int, *keys: int | Tensor
+) -> Tensor:
+    """TensorFlow's random_brightness then random_contrast, per image: add a uniform
+    delta in [-max_delta, max_delta], then scale each channel about its mean by a factor
+    uniform in ``contrast``."""
+    delta = (hash_uniform(seed, *keys, 5, device=images.device) * 2 - 1) * max_delta
+    images = images + delta.view(-1, 1, 1, 1)
+    low, high = contrast
+    factor = (low + hash_uniform(seed, *keys, 6, device=images.device) * (high - low)).view(-1, 1, 1, 1)
+    mean = images.mean(dim=(2, 3), keepdim=True)
+    return (images - mean) * factor + mean
+
+
+def standardize(images: Tensor) -> Tensor:
+    """TensorFlow's per_image_standardization: zero mean, unit variance per image, the
+    standard deviation floored at 1/sqrt(pixels) so a flat image does not divide by 0."""
+    count = images[0].numel()
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    std = images.std(dim=(1, 2, 3), keepdim=True, unbiased=False)
+    return (images - mean) / std.clamp(min=count**-0.5)

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from hydra.core.utils import JobReturn
-from hydra_plugins.hydra_ray_launcher.ray_launcher import RayLauncher
 from omegaconf import DictConfig, OmegaConf
+
+from hydra_plugins.hydra_ray_launcher.ray_launcher import RayLauncher
 
 
 class NoGpuError(RuntimeError):
@@ -49,6 +50,7 @@ class RayGpuLauncher(RayLauncher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import ray
+
         from hydra_plugins.hydra_ray_launcher._launcher_util import start_ray
 
         self.ray_cfg.init.setdefault("object_store_memory", 78643200)

@@ -1,0 +1,161 @@
+"""The base of the §7 datasets (CIFAR-10, SVHN, smallNORB): files checked, images held as
+uint8 [N, C, H, W] on the training device, the paper's crops, flips and jitter done in
+batch there.
+
+A subclass names its files (``expected_files``: relative path → checksum or None), reads a
+split (``read``) and, where torchvision can, downloads (``fetch``).  Everything else —
+the seeded validation split, the global-batch loaders, exact resume, DDP sharding — is
+MNISTDataModule's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from capsnet.data.mnist import DataError, MNISTDataModule, file_digest, split_train_val
+from capsnet.data.transforms import (
+    center_crop,
+    random_brightness_contrast,
+    random_crop,
+    random_flip,
+    standardize,
+    to_float_images,
+)
+
+CROPS = ("random", "center")
+
+
+class ImageDataModule(MNISTDataModule):
+    """Images with a train-time crop (``train_crop``: random, or center as at test), optional
+    flips, brightness/contrast jitter and per-image standardisation.
+
+    Args:
+        crop_size: side of the square the network sees (train and test).
+        train_crop: "random" (a uniformly placed window per image and epoch) or "center".
+        flip: mirror left-right with probability 1/2 in training.
+        brightness: largest brightness change in training, on the [0, 1] pixel scale (0: none).
+        contrast: (low, high) contrast factor range in training, or None.
+        standardize: per-image zero mean, unit variance, in training and test.
+        verify_checksums: check each file against its published checksum where it has one.
+        download: fetch missing files with torchvision's own download, where it has one.
+    """
+
+    checksum_kind = "md5"
+    source = ""  # where the files come from, for the missing-file message
+
+    def __init__(
+        self,
+        *,
+        crop_size: int,
+        train_crop: str = "random",
+        flip: bool = False,
+        brightness: float = 0.0,
+        contrast: tuple[float, float] | None = None,
+        standardize: bool = False,
+        verify_checksums: bool = True,
+        download: bool = False,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(max_shift=0, canvas_size=crop_size, **kwargs)  # type: ignore[arg-type]
+        if train_crop not in CROPS:
+            raise ValueError(f"data.train_crop must be one of {CROPS}, got {train_crop!r}")
+        self.crop_size, self.train_crop, self.flip = crop_size, train_crop, flip
+        self.brightness = brightness
+        self.contrast = tuple(contrast) if contrast is not None else None
+        self.standardize = standardize
+        self.verify_checksums, self.download = verify_checksums, download
+
+    # ---- what a dataset defines ---------------------------------------------------------
+    def folder(self) -> Path:
+        """Where the dataset's files live under the data root."""
+        raise NotImplementedError
+
+    def expected_files(self) -> dict[str, str | None]:
+        """Relative file name → its published checksum (None where none is published)."""
+        raise NotImplementedError
+
+    def read(self, train: bool) -> tuple[Tensor, Tensor]:
+        """A split as (uint8 [N, C, H, W], int64 [N])."""
+        raise NotImplementedError
+
+    def fetch(self) -> None:
+        """Download the files (``data.download=true``)."""
+        raise DataError(f"data.download: no download is available for {type(self).__name__}; {self.source}")
+
+    # ---- files ---------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        missing = [name for name in self.expected_files() if not (self.folder() / name).is_file()]
+        if missing and self.download:
+            self.fetch()
+        self.verify()
+
+    def verify(self) -> None:
+        """Every file present, and equal to its published checksum where one exists."""
+        for name, expected in self.expected_files().items():
+            path = self.folder() / name
+            if not path.is_file():
+                raise DataError(
+                    f"{type(self).__name__}: file missing: {path.resolve()}. {self.source} Put the files in "
+                    f"{self.folder().resolve()} (data root: paths.data_dir or CAPSNET_DATA_DIR), or pass "
+                    "data.download=true where a download exists."
+                )
+            if self.verify_checksums and expected is not None:
+                actual = file_digest(path, self.checksum_kind)
+                if actual != expected:
+                    raise DataError(
+                        f"{type(self).__name__}: file corrupt: {path.resolve()} has {self.checksum_kind} {actual}, "
+                        f"expected {expected}. Replace it with the original file. {self.source}"
+                    )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train, val = split_train_val(*self.read(train=True), self.val_size, self.split_seed)
+        self.train_set = _take(train, self.train_subset)
+        self.val_set = _take(val, self.val_subset)
+        self.test_set = _take(self.read(train=False), self.test_subset)
+
+    # ---- the views the network sees ----------------------------------------------------------
+    def place(self, images: Tensor) -> Tensor:
+        """The test-time view: float, central crop, standardised if configured."""
+        images = center_crop(to_float_images(images), self.crop_size)
+        return standardize(images) if self.standardize else images
+
+    def on_after_batch_transfer(self, batch: tuple[Tensor, ...], dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        images, labels, idx = batch
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return self.place(images), labels
+        keys = (self.seed, trainer.current_epoch, idx)
+        images = to_float_images(images)
+        if self.train_crop == "random":
+            images = random_crop(images, self.crop_size, *keys)
+        else:
+            images = center_crop(images, self.crop_size)
+        if self.flip:
+            images = random_flip(images, *keys)
+        if self.brightness or self.contrast:
+            images = random_brightness_contrast(images, self.brightness, self.contrast or (1.0, 1.0), *keys)
+        return (standardize(images) if self.standardize else images), labels
+
+    def sample_batches(self, count: int = 32) -> dict[str, tuple[Tensor, ...]]:
+        """Small CPU batches for figures, in the test-time view."""
+        return {
+            "test_images": (self.place(self.test_set[0][:count]), self.test_set[1][:count]),
+            "train_center": (self.place(self.train_set[0][:count]), self.train_set[1][:count]),
+        }
+
+
+def _take(pair: tuple[Tensor, Tensor], limit: int | None) -> tuple[Tensor, Tensor]:
+    return pair if limit is None else (pair[0][:limit], pair[1][:limit])
+
+
+def as_images(array: object, layout: str) -> Tensor:
+    """A numpy array as contiguous uint8 [N, C, H, W] from ``layout`` ('NCHW' or 'HWCN')."""
+    tensor = torch.as_tensor(array)
+    if layout == "HWCN":
+        tensor = tensor.permute(3, 2, 0, 1)
+    return tensor.to(torch.uint8).contiguous()
