@@ -22,10 +22,11 @@ MAX_RUN_NAME = 200  # file systems allow 255 bytes per path component
 def run_name(override_dirname: str) -> str:
     """A run's dir name: its command-line overrides, or ``defaults`` when there are none, so
     the plain command's run never lands in the parent dir of every other run.  A ``/`` in a
-    value (``ckpt_path=outputs/.../best.ckpt``) becomes ``_``: one run, one dir level.  A
+    value (``ckpt_path=outputs/.../best.ckpt``) becomes ``_`` and quotes are dropped: one
+    run, one dir level.  A
     name too long for a file system (an Optuna trial's many float overrides) keeps its
     first 120 characters and a hash of the whole, so it stays a pure function of the command."""
-    name = override_dirname.replace("/", "_") or "defaults"
+    name = override_dirname.replace("/", "_").replace("'", "").replace('"', "") or "defaults"
     if len(name) > MAX_RUN_NAME:
         name = f"{name[:120]}...{hashlib.sha256(name.encode()).hexdigest()[:12]}"
     return name

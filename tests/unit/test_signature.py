@@ -57,6 +57,7 @@ def test_run_names_are_one_short_dir_level_and_a_pure_function_of_the_command() 
 
     assert run_name("") == "defaults"
     assert run_name("ckpt_path=outputs/a/best.ckpt,seed=1") == "ckpt_path=outputs_a_best.ckpt,seed=1"
+    assert run_name("ckpt_path='outputs/x=1/best.ckpt'") == "ckpt_path=outputs_x=1_best.ckpt"
     long_a, long_b = ",".join(f"optim.lr={i / 7}" for i in range(20)), ",".join(f"optim.lr={i / 9}" for i in range(20))
     assert len(run_name(long_a)) <= MAX_RUN_NAME and run_name(long_a) == run_name(long_a)
     assert run_name(long_a) != run_name(long_b) and run_name(long_a).startswith(long_a[:120])
