@@ -24,12 +24,8 @@ class CIFAR10DataModule(ImageDataModule):
         "unpacked as torchvision lays it out (<data root>/cifar-10-batches-py/)."
     )
 
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.in_channels = 3
-
-    def folder(self) -> Path:
-        return Path(self.data_dir).expanduser() / FOLDER
+    in_channels = 3
+    folder_name = FOLDER
 
     def expected_files(self) -> dict[str, str | None]:
         listed = torchvision.datasets.CIFAR10.train_list + torchvision.datasets.CIFAR10.test_list

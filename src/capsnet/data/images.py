@@ -45,6 +45,7 @@ class ImageDataModule(MNISTDataModule):
 
     checksum_kind = "md5"
     source = ""  # where the files come from, for the missing-file message
+    folder_name = ""  # the dataset's folder under the data root
 
     def __init__(
         self,
@@ -70,8 +71,8 @@ class ImageDataModule(MNISTDataModule):
 
     # ---- what a dataset defines ---------------------------------------------------------
     def folder(self) -> Path:
-        """Where the dataset's files live under the data root."""
-        raise NotImplementedError
+        """Where the dataset's files live: ``<data root>/<folder_name>``."""
+        return Path(self.data_dir).expanduser() / self.folder_name
 
     def expected_files(self) -> dict[str, str | None]:
         """Relative file name → its published checksum (None where none is published)."""

@@ -55,6 +55,7 @@ class SmallNORBDataModule(ImageDataModule):
     """
 
     num_classes = 5
+    folder_name = FOLDER
     source = (
         "smallNORB: the six files of https://cs.nyu.edu/~ylclab/data/norb-v1.0-small/ "
         "(gunzipped: smallnorb-5x46789x9x18x6x2x96x96-training-{dat,cat,info}.mat and "
@@ -66,9 +67,6 @@ class SmallNORBDataModule(ImageDataModule):
         if channels not in (1, 2):
             raise ValueError(f"data.channels must be 1 or 2, got {channels!r}")
         self.in_channels, self.resize = channels, resize
-
-    def folder(self) -> Path:
-        return Path(self.data_dir).expanduser() / FOLDER
 
     def expected_files(self) -> dict[str, str | None]:
         # No checksums are published for these files: read_matrix checks header and size.

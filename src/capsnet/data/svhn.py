@@ -3,8 +3,6 @@ published MD5s; the 73,257-image training set (no 'extra'), labels 0–9 (the fi
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 import torchvision
@@ -23,12 +21,8 @@ class SVHNDataModule(ImageDataModule):
         "test_32x32.mat, in <data root>/SVHN/."
     )
 
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.in_channels = 3
-
-    def folder(self) -> Path:
-        return Path(self.data_dir).expanduser() / FOLDER
+    in_channels = 3
+    folder_name = FOLDER
 
     def expected_files(self) -> dict[str, str | None]:
         splits = torchvision.datasets.SVHN.split_list
