@@ -102,7 +102,7 @@ def evaluate_ensemble(cfg: DictConfig, paths: list[Path]) -> dict[str, Any]:
     members = [load_checkpoint(path, data_info(datamodule)) for path in paths]
     names = {m.hparams["model"]["name"] for m in members}
     trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=False, enable_checkpointing=False)
-    (results,) = trainer.test(Ensemble(members), datamodule=datamodule, verbose=True)
+    results = trainer.test(Ensemble(members), datamodule=datamodule, verbose=True)[0]  # the dataset's own test split
     member_errors = [results[f"test/member{k}_error"] for k in range(len(members))]
     model_cfg = members[0].hparams["model"]
     record = {
