@@ -114,12 +114,13 @@ class WatchModel(Callback):
     gradients (and weights with ``log=all``) every ``log_freq`` steps."""
 
     def __init__(self, log: str = "gradients", log_freq: int = 100) -> None:
-        self.log, self.log_freq = log, log_freq
+        # not ``self.log``: Lightning binds the LightningModule's ``log`` onto callbacks
+        self.histograms, self.log_freq = log, log_freq
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
-                logger.watch(pl_module.net, log=self.log, log_freq=self.log_freq, log_graph=False)
+                logger.watch(pl_module.net, log=self.histograms, log_freq=self.log_freq, log_graph=False)
 
 
 def log_table_to_wandb(

@@ -76,7 +76,8 @@ def test_every_logger_records_the_resolved_config_and_wandb_follows_a_resume(
         make_cfg(*args, "+callbacks.crash._target_=apps.probes.FailAt", "+callbacks.crash.step=3", output_dir=run_dir)
     )
     assert crashed["status"] == "failed"
-    resumed = run(make_cfg(*args, output_dir=run_dir))
+    watch = ["+callbacks.watch._target_=capsnet.tracking.WatchModel", "+callbacks.watch.log_freq=1"]
+    resumed = run(make_cfg(*args, *watch, output_dir=run_dir))
     assert resumed["status"] == "completed" and resumed["resumed_from"].endswith("last.ckpt")
     assert resumed["tags"] == ["study_a", "v2"]
 
@@ -86,7 +87,8 @@ def test_every_logger_records_the_resolved_config_and_wandb_follows_a_resume(
     wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in wandb_runs)  # one W&B run
     (log_file,) = wandb_runs[-1].glob("run-*.wandb")
-    wait_for_bytes(log_file, (b"val/error", b"figures"))
+    wait_for_bytes(log_file, (b"val/error", b"figures", b"gradients/"))
+    assert b"gradients/digit_caps.weight" in log_file.read_bytes()  # callbacks=[default,watch_model]
     recorded = {
         "wandb": _flatten(run_config(log_file)),
         "csv": _flatten(yaml.safe_load((run_dir / "csv" / "hparams.yaml").read_text())),
