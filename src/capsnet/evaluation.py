@@ -85,6 +85,14 @@ class Ensemble(L.LightningModule):
         self.log("test/error", self.ensemble_error, on_epoch=True, add_dataloader_idx=False)
 
 
+def _test_setup(cfg: DictConfig) -> tuple[L.LightningDataModule, L.Trainer]:
+    """The checked data and a Trainer of ``cfg.trainer`` that only tests (no logger, no checkpoints)."""
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()
+    trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=False, enable_checkpointing=False)
+    return datamodule, trainer
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test ``cfg.ckpt_path`` on ``cfg.data`` (several checkpoints: as an ensemble); write
     metrics.json in the eval run dir."""
@@ -97,11 +105,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 def evaluate_ensemble(cfg: DictConfig, paths: list[Path]) -> dict[str, Any]:
     """The paper's CIFAR-10 protocol: average the members' capsule lengths."""
     started = time.time()
-    datamodule = build_datamodule(cfg)
-    datamodule.prepare_data()
+    datamodule, trainer = _test_setup(cfg)
     members = [load_checkpoint(path, data_info(datamodule)) for path in paths]
     names = {m.hparams["model"]["name"] for m in members}
-    trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=False, enable_checkpointing=False)
     results = trainer.test(Ensemble(members), datamodule=datamodule, verbose=True)[0]  # the dataset's own test split
     member_errors = [results[f"test/member{k}_error"] for k in range(len(members))]
     model_cfg = members[0].hparams["model"]
@@ -127,11 +133,8 @@ def evaluate_ensemble(cfg: DictConfig, paths: list[Path]) -> dict[str, Any]:
 def evaluate_one(cfg: DictConfig, ckpt_path: Path) -> dict[str, Any]:
     """Test one checkpoint; its figures too."""
     started = time.time()
-    datamodule = build_datamodule(cfg)
-    datamodule.prepare_data()
+    datamodule, trainer = _test_setup(cfg)
     module = load_checkpoint(ckpt_path, data_info(datamodule))
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer = L.Trainer(**trainer_kwargs, logger=False, enable_checkpointing=False)
     results = trainer.test(module, datamodule=datamodule, verbose=True)
     model_cfg = module.hparams["model"]
     is_capsnet = "routing_iterations" in model_cfg

@@ -3,9 +3,9 @@ uint8 [N, C, H, W] on the training device, the paper's crops, flips and jitter d
 batch there.
 
 A subclass names its files (``expected_files``: relative path → checksum or None), reads a
-split (``read``) and, where torchvision can, downloads (``fetch``).  Everything else —
-the seeded validation split, the global-batch loaders, exact resume, DDP sharding — is
-MNISTDataModule's.
+split (``read``, which MNISTDataModule.setup calls) and, where torchvision can, downloads
+(``fetch``).  Everything else — the seeded validation split, the global-batch loaders,
+exact resume, DDP sharding — is MNISTDataModule's.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from capsnet.data.mnist import DataError, MNISTDataModule, file_digest, split_train_val
+from capsnet.data.mnist import DataError, MNISTDataModule, file_digest
 from capsnet.data.transforms import (
     center_crop,
     random_brightness_contrast,
@@ -111,14 +111,6 @@ class ImageDataModule(MNISTDataModule):
                         f"expected {expected}. Replace it with the original file. {self.source}"
                     )
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        train, val = split_train_val(*self.read(train=True), self.val_size, self.split_seed)
-        self.train_set = _take(train, self.train_subset)
-        self.val_set = _take(val, self.val_subset)
-        self.test_set = _take(self.read(train=False), self.test_subset)
-
     # ---- the views the network sees ----------------------------------------------------------
     def place(self, images: Tensor) -> Tensor:
         """The test-time view: float, central crop, standardised if configured."""
@@ -148,10 +140,6 @@ class ImageDataModule(MNISTDataModule):
             "test_images": (self.place(self.test_set[0][:count]), self.test_set[1][:count]),
             "train_center": (self.place(self.train_set[0][:count]), self.train_set[1][:count]),
         }
-
-
-def _take(pair: tuple[Tensor, Tensor], limit: int | None) -> tuple[Tensor, Tensor]:
-    return pair if limit is None else (pair[0][:limit], pair[1][:limit])
 
 
 def as_images(array: object, layout: str) -> Tensor:

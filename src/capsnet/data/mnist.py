@@ -123,13 +123,17 @@ class MNISTDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         verify_mnist(self.data_dir)
 
+    def read(self, train: bool) -> tuple[Tensor, Tensor]:
+        """A split as (uint8 images, int64 labels); the datasets built on this class override it."""
+        return load_mnist(self.data_dir, train=train)
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        train, val = split_train_val(*load_mnist(self.data_dir, train=True), self.val_size, self.split_seed)
+        train, val = split_train_val(*self.read(train=True), self.val_size, self.split_seed)
         self.train_set = _take(train, self.train_subset)
         self.val_set = _take(val, self.val_subset)
-        self.test_set = _take(load_mnist(self.data_dir, train=False), self.test_subset)
+        self.test_set = _take(self.read(train=False), self.test_subset)
 
     def _position(self) -> tuple[int, int]:
         """(epoch, first batch) from the trainer, so a resumed run skips trained batches."""

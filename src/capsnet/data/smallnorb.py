@@ -27,13 +27,13 @@ def read_matrix(path: Path, kind: str, pairs: int | None = PAIRS) -> np.ndarray:
     or size but its own (``pairs``: the published count; None accepts any)."""
     magic_expected, item = SHAPES[kind]
     with path.open("rb") as handle:
-        count = int(np.frombuffer(handle.read(12)[8:12], dtype="<i4")[0]) if path.stat().st_size >= 12 else -1
-    shape = (pairs if pairs is not None else count, *item)
-    with path.open("rb") as handle:
         head = handle.read(24)  # the longest header: rank 4
+    if len(head) < 20:
+        raise DataError(f"smallNORB file too short to be a -{kind}.mat file: {path.resolve()} ({len(head)} bytes)")
     magic, rank = (int(x) for x in np.frombuffer(head[:8], dtype="<i4"))
     header = 8 + 4 * max(3, rank)
     dims = tuple(int(d) for d in np.frombuffer(head[8 : 8 + 4 * min(max(rank, 0), 4)], dtype="<i4"))
+    shape = (pairs if pairs is not None else (dims[0] if dims else -1), *item)
     dtype = np.dtype("u1") if magic_expected == BYTE_MATRIX else np.dtype("<i4")
     expected_size = header + int(np.prod(shape)) * dtype.itemsize
     size = path.stat().st_size
