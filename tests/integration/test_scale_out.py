@@ -14,14 +14,20 @@ from capsnet.data.mnist import MNISTDataModule
 from capsnet.data.multimnist import MultiMNISTDataModule
 from capsnet.training import run
 from conftest import run_cli
+from dataset_files import write_cifar10
 from sync_audit import AUDIT, SyncAudit
 
 STEADY = range(4, 24)  # ~20 steps after warm-up
 
 
 def _audited_run(make_cfg, tmp_path: Path, data: str, nan_check_every: int) -> SyncAudit:
+    extra = []
+    if data == "cifar10":  # crops, flips, jitter and standardisation on the device
+        write_cifar10(tmp_path / "files", per_class=6)
+        extra = ["data.verify_checksums=false", "data.val_size=20"]
     cfg = make_cfg(
         f"data={data}",
+        *extra,
         "trainer.limit_train_batches=24",
         "data.batch_size=8",
         "data.train_subset=256",
@@ -36,14 +42,17 @@ def _audited_run(make_cfg, tmp_path: Path, data: str, nan_check_every: int) -> S
         output_dir=tmp_path / f"{data}_{nan_check_every}",
     )
     cfg.trainer.enable_progress_bar = True  # the progress bar used to read the loss at every refresh
+    if data == "cifar10":
+        cfg.paths.data_dir = str(tmp_path / "files")
     AUDIT.__init__()
     with AUDIT.patched():
         record = run(cfg)
     assert record["status"] == "completed", record
+    assert record["steps"] == 24  # every audited step ran (an absent step would count 0 syncs)
     return AUDIT
 
 
-@pytest.mark.parametrize("data", ["mnist", "multimnist"])
+@pytest.mark.parametrize("data", ["mnist", "multimnist", "cifar10"])
 def test_no_host_device_sync_in_a_steady_state_training_step(make_cfg, tmp_path: Path, data: str) -> None:
     audit = _audited_run(make_cfg, tmp_path, data, nan_check_every=1000)
     per_step = {step: audit.counts[step] for step in STEADY}
