@@ -7,13 +7,15 @@ from omegaconf import DictConfig
 
 from capsnet.data.mnist import DataError
 from capsnet.evaluation import CheckpointError, evaluate
+from capsnet.rundir import DamagedFileError, RunDirBusyError
+from capsnet.schema import ConfigError
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
     try:
         record = evaluate(cfg)
-    except (CheckpointError, DataError) as error:
+    except (CheckpointError, ConfigError, DataError, DamagedFileError, RunDirBusyError) as error:  # before any work
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     print({k: v for k, v in record.items() if k.endswith("error")})

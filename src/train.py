@@ -1,29 +1,51 @@
-"""Train one configuration (or a sweep with -m).  See README.md and conf/config.yaml."""
+"""Train one configuration (or a sweep with -m).  See README.md and conf/config.yaml.
+
+Exit codes: 0 done (or skipped as already done); 1 the run failed (recorded in its
+metrics.json), or a sweep in which some job did not complete; 2 refused before any work
+(the message names the key or the file; nothing of the run is written); 128 + signal when
+stopped by SIGTERM (143) or SIGINT (130), after saving and recording where it stopped.
+Hydra's own errors (an unknown group option, a misspelt key) exit 1 before the job starts.
+"""
 
 import sys
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from capsnet.data.mnist import DataError
-from capsnet.schema import ConfigError
-from capsnet.signature import ResumeMismatchError
-from capsnet.training import run
+from capsnet.signals import Interrupted
+from capsnet.sweep import in_sweep, record_job_outcome, runs_in_driver
+from capsnet.training import REFUSALS, RecordWriteError, run
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    run_dir = cfg.paths.output_dir
     try:
         record = run(cfg)
-    except (ConfigError, DataError, ResumeMismatchError) as error:  # before any training: stop, even a sweep
+    except REFUSALS as error:  # before any work
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        if not in_sweep():
+            sys.exit(2)
+        record_job_outcome("refused", str(error), run_dir)  # the sweep goes on
+        return None
+    except RecordWriteError as error:
+        print(f"error: {error}", file=sys.stderr)
+        record_job_outcome("failed", str(error), run_dir)
+        if not in_sweep():
+            sys.exit(1)
+        return None
+    except Interrupted as error:
+        print(f"{error}; run the same command again to resume", file=sys.stderr)
+        record_job_outcome("interrupted", str(error), run_dir)
+        if not in_sweep() or runs_in_driver():  # Ctrl-C / SIGTERM stops the whole local sweep
+            sys.exit(error.exit_code)
+        return None
     summary = {k: record.get(k) for k in ("status", "val_error", "test_error", "affnist_error") if k in record}
-    print(f"{summary} -> {cfg.paths.output_dir}/metrics.json")
+    print(f"{summary} -> {run_dir}/metrics.json")
+    record_job_outcome(record.get("status", "failed"), record.get("error"), run_dir)
     if record.get("status") == "failed":
         print(f"run failed: {record.get('error')}", file=sys.stderr)
-        if HydraConfig.get().mode.name == "RUN":
+        if not in_sweep():
             sys.exit(1)
     return record.get("val_error")
 

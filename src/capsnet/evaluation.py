@@ -9,13 +9,16 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from capsnet.builders import build_datamodule, data_info
 from capsnet.figures import write_run_figures
 from capsnet.module import CapsNetModule, error_metric, top_k_error
-from capsnet.run_record import git_commit, write_metrics
+from capsnet.run_record import METRICS_FILE, RECORD_WAY_OUT, git_commit, write_metrics
+from capsnet.rundir import DamagedFileError, RunDir, load_checkpoint_file, read_json
+from capsnet.schema import validate_eval_config
 from capsnet.training import collect_test_metrics
 
 
@@ -29,8 +32,8 @@ def load_checkpoint(path: str | Path, expected_data: dict[str, Any]) -> CapsNetM
     if not path.is_file():
         raise CheckpointError(f"ckpt_path: no such file {path}")
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # pickle, zip and EOF errors all mean the same to a user
+        raw = load_checkpoint_file(path)
+    except DamagedFileError as error:  # pickle, zip, EOF and checksum errors all mean the same to a user
         raise CheckpointError(f"ckpt_path: {path} is not a readable PyTorch checkpoint ({error})") from error
     params = raw.get("hyper_parameters") if isinstance(raw, dict) else None
     if not params or not {"model", "data", "loss", "optim"} <= set(params) or "state_dict" not in raw:
@@ -93,13 +96,41 @@ def _test_setup(cfg: DictConfig) -> tuple[L.LightningDataModule, L.Trainer]:
     return datamodule, trainer
 
 
+EVAL_KINDS = ("eval", "ensemble")
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test ``cfg.ckpt_path`` on ``cfg.data`` (several checkpoints: as an ensemble); write
-    metrics.json in the eval run dir."""
-    paths = checkpoint_paths(cfg.ckpt_path)
-    if len(paths) > 1:
-        return evaluate_ensemble(cfg, paths)
-    return evaluate_one(cfg, paths[0])
+    metrics.json in the eval run dir.
+
+    The eval dir is owned like a training run dir (:class:`~capsnet.rundir.RunDir`): locked,
+    and never a training run's: a dir holding a training record is refused; an earlier
+    evaluation's files there are moved to ``superseded/``.
+    """
+    owner = RunDir(
+        cfg.paths.output_dir, job_log=f"{HydraConfig.get().job.name}.log" if HydraConfig.initialized() else None
+    )
+    try:
+        owner.acquire()
+        validate_eval_config(cfg)
+        paths = checkpoint_paths(cfg.ckpt_path)
+        previous = read_json(owner.path / METRICS_FILE, RECORD_WAY_OUT)
+        if previous is not None and previous.get("kind") not in EVAL_KINDS:
+            raise CheckpointError(
+                f"hydra.run.dir: {owner.path} holds a training run's record (metrics.json): an evaluation never writes "
+                f"over it. Leave hydra.run.dir at its default (outputs/eval/<time>) or name a dir of its own"
+            )
+    except BaseException:
+        owner.undo()
+        raise
+    try:
+        if previous is not None:
+            owner.supersede(keep={".hydra", *(filter(None, [owner.job_log]))})
+        if len(paths) > 1:
+            return evaluate_ensemble(cfg, paths)
+        return evaluate_one(cfg, paths[0])
+    finally:
+        owner.release()
 
 
 def evaluate_ensemble(cfg: DictConfig, paths: list[Path]) -> dict[str, Any]:
@@ -139,6 +170,7 @@ def evaluate_one(cfg: DictConfig, ckpt_path: Path) -> dict[str, Any]:
     model_cfg = module.hparams["model"]
     is_capsnet = "routing_iterations" in model_cfg
     record = {
+        "kind": "eval",
         "model": model_cfg["name"],
         "data": cfg.data.name,
         "routing_iters": model_cfg.get("routing_iterations") if is_capsnet else None,

@@ -6,9 +6,10 @@ validation error) are copied beside the report, so the page reads on its own.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
+
+from capsnet.rundir import atomic_write, atomic_write_text
 
 REPORT_FILE = "REPORT.md"
 FIGURES = {  # file in <run dir>/figures -> what it shows
@@ -67,8 +68,7 @@ def write_report(
     lines += ["", "## Runs behind each cell", ""]
     lines += [f"- {label}: " + ", ".join(f"`{d}`" for d in dirs) for label, dirs in cells] or ["None."]
     lines += ["", "## Best run of each dataset (lowest validation error)", ""]
-    if figures_dir.exists():
-        shutil.rmtree(figures_dir)
+    # Only the files named below are (re)written in report/: anything else there is left alone.
     for data, record in sorted(best_runs(records).items()):
         run_dir = Path(record["run_dir"])
         history = record.get("history") or {}
@@ -85,9 +85,6 @@ def write_report(
             source = run_dir / "figures" / name
             if source.is_file():
                 target = figures_dir / f"{data}_{name}"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source, target)
+                atomic_write(target, lambda handle, source=source: handle.write(source.read_bytes()))
                 lines += [f"![{caption}](report/{target.name})", f"*{caption}*", ""]
-    path = out_dir / REPORT_FILE
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return atomic_write_text(out_dir / REPORT_FILE, "\n".join(lines) + "\n")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from capsnet.rundir import atomic_write_json, atomic_write_text, read_json
 
 METRICS_FILE = "metrics.json"
 RESOLVED_CONFIG_FILE = "config_resolved.yaml"
@@ -39,10 +40,7 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
 
 def save_resolved_config(cfg: DictConfig, run_dir: Path) -> Path:
     """Hydra's .hydra/config.yaml keeps the ${...}; this copy has the values."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / RESOLVED_CONFIG_FILE
-    OmegaConf.save(OmegaConf.create(resolved_config(cfg)), path)
-    return path
+    return atomic_write_text(run_dir / RESOLVED_CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.create(resolved_config(cfg))))
 
 
 def _clean(value: Any) -> Any:
@@ -55,19 +53,17 @@ def _clean(value: Any) -> Any:
 
 
 def write_metrics(run_dir: Path, record: dict[str, Any]) -> Path:
-    """Write ``record`` atomically (a crash never leaves half a file)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / METRICS_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({k: _clean(v) for k, v in record.items()}, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-    return path
+    """Write ``record`` atomically (a crash or a full disk never leaves half a file)."""
+    return atomic_write_json(Path(run_dir) / METRICS_FILE, {k: _clean(v) for k, v in record.items()})
+
+
+RECORD_WAY_OUT = (
+    "Move it aside (e.g. to metrics.damaged.json) and run the same command again: the run resumes from "
+    "checkpoints/last.ckpt (a finished one only tests again) and writes a new record"
+)
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any] | None:
-    """The run's record, or None when there is none (or it is unreadable)."""
-    path = run_dir / METRICS_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    """The run's record, or None when there is none; a damaged one raises
+    :class:`~capsnet.rundir.DamagedFileError` naming the file and the way out."""
+    return read_json(Path(run_dir) / METRICS_FILE, RECORD_WAY_OUT)

@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import statistics
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from capsnet.curves import write_curves
+from capsnet.run_record import METRICS_FILE, RECORD_WAY_OUT
+from capsnet.rundir import SUPERSEDED_DIR, DamagedFileError, atomic_write_text, read_json
 from capsnet.signature import configuration
 
 # Table 1 of Sabour et al. (2017), test error % (mean ± std over 3 trials where given).
@@ -86,14 +90,18 @@ class Cell:
 
 
 def load_records(roots: list[Path]) -> list[dict[str, Any]]:
-    """Every metrics.json under the given dirs (each tagged with its run dir)."""
+    """Every metrics.json under the given dirs (each tagged with its run dir); a damaged
+    one becomes an ``unreadable`` record, listed under the table, never a crash.  Records
+    moved aside by ``resume=false`` (``superseded/``) are not part of any table."""
     records = []
     for root in roots:
-        for path in sorted(Path(root).rglob("metrics.json")):
+        for path in sorted(Path(root).rglob(METRICS_FILE)):
+            if SUPERSEDED_DIR in path.relative_to(root).parts:
+                continue
             try:
-                record = json.loads(path.read_text())
-            except json.JSONDecodeError:
-                record = {"status": "failed", "error": f"unreadable {path}"}
+                record = read_json(path, RECORD_WAY_OUT) or {}
+            except (DamagedFileError, OSError) as error:
+                record = {"status": "unreadable", "error": str(error)}
             record["run_dir"] = str(path.parent)
             records.append(record)
     return records
@@ -160,7 +168,8 @@ def build_table(records: list[dict[str, Any]], profile: str | None = None) -> di
     if profile is not None:
         records = [r for r in records if r.get("profile") == profile]
     completed = [r for r in records if r.get("status") == "completed"]
-    failed = [r for r in records if r.get("status") == "failed"]
+    # what did not complete: failed, interrupted, unreadable, still running (or killed)
+    failed = [r for r in records if r.get("status") not in ("completed", "skipped")]
     groups: dict[tuple[str, Row], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for record in completed:
         if record.get("data") in COLUMNS:
@@ -333,8 +342,15 @@ def to_markdown(table: dict[str, Any]) -> str:
             ),
         ]
     if table["failed"]:
-        lines += ["", "## Failed runs", ""]
-        lines += [f"- `{r['run_dir']}`: {r.get('error', 'no reason recorded')}" for r in table["failed"]]
+        lines += ["", "## Runs not in the table (not completed)", ""]
+        lines += [
+            f"- `{r['run_dir']}` ({r.get('status', 'no status')}): "
+            + (
+                r.get("error")
+                or ("running, or killed without a trace" if r.get("status") == "running" else "no reason")
+            )
+            for r in table["failed"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -370,20 +386,28 @@ def cell_runs(table: dict[str, Any]) -> list[tuple[str, list[str]]]:
     return sorted(out)
 
 
+class EmptyTableError(RuntimeError):
+    """No completed run was found, and a table already stands where the empty one would go."""
+
+
 def write_outputs(table: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md = out_dir / "table1.md"
-    md.write_text(to_markdown(table))
+    md, csv_path = out_dir / "table1.md", out_dir / "table1.csv"
+    if table["n_runs"] == 0 and (md.exists() or csv_path.exists()):
+        raise EmptyTableError(
+            f"no completed run found, and {md} already holds a table: an empty table is not written over it. "
+            "Check the dirs given (a sweep's dir, e.g. multirun/table1) and --profile, or choose another --out."
+        )
+    atomic_write_text(md, to_markdown(table))
     columns, rows = table_rows(table)
     numeric_columns, numbers = numeric_rows(table)
-    csv_path = out_dir / "table1.csv"
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["profile", *columns, "configuration", *numeric_columns])
-        profile = "+".join(table["profiles"])
-        writer.writerows(
-            [profile, *row, key[3], *values] for row, key, values in zip(rows, table["rows"], numbers, strict=True)
-        )
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["profile", *columns, "configuration", *numeric_columns])
+    profile = "+".join(table["profiles"])
+    writer.writerows(
+        [profile, *row, key[3], *values] for row, key, values in zip(rows, table["rows"], numbers, strict=True)
+    )
+    atomic_write_text(csv_path, text.getvalue())
     return md, csv_path
 
 
@@ -399,7 +423,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile is not None:
         records = [r for r in records if r.get("profile") == args.profile]
     table = build_table(records)
-    md, csv_path = write_outputs(table, args.out)
+    try:
+        md, csv_path = write_outputs(table, args.out)
+    except EmptyTableError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     curves = write_curves(table, args.out, curve_label, paper_value)
     print(md.read_text())
     print(f"wrote {md}, {csv_path} and {len(curves)} curve PNG(s) from {table['n_runs']} completed runs")

@@ -8,6 +8,8 @@ credentials a run goes offline rather than prompting or waiting on the network.
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import secrets
 import string
@@ -16,11 +18,13 @@ from typing import Any
 
 from hydra.utils import instantiate
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from capsnet.run_record import resolved_config
+from capsnet.rundir import atomic_write_text
 from capsnet.schema import ConfigError
 
 WANDB_ID_FILE = "wandb_run_id"
@@ -72,6 +76,54 @@ def wandb_arguments(node: DictConfig, run_dir: Path, resuming: bool, tags: list[
         "resume": "allow",
         "tags": [*(node.get("tags") or []), *tags],
     }
+
+
+class _StepLogWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued, not
+    deleted: the rows of the steps a resumed run trains again are dropped (so each step is
+    listed once), the rest kept."""
+
+    def __init__(self, log_dir: str, keep_before_step: int) -> None:
+        self.keep_before_step = keep_before_step
+        super().__init__(log_dir=log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            header = list(reader.fieldnames or [])
+            kept = [row for row in reader if _step(row) < self.keep_before_step]
+        self.metrics_keys = sorted(header)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=self.metrics_keys, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(kept)
+        atomic_write_text(path, text.getvalue())
+
+
+def _step(row: dict[str, str]) -> float:
+    try:
+        return float(row.get("step") or "inf")
+    except ValueError:
+        return float("inf")
+
+
+class StepLog(CSVLogger):
+    """``logger=csv``: the step log ``<run dir>/csv/metrics.csv``, one file over every
+    segment of a resumed run (Lightning's CSVLogger deletes the file when its dir exists,
+    so each requeue kept only its last segment).  ``resume_step``, set by capsnet before
+    training, is the step the run continues from (0 for a fresh start)."""
+
+    resume_step: int = 0
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _StepLogWriter(self.log_dir, keep_before_step=self.resume_step)
+        return self._experiment
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> list[Logger]:

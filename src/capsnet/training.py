@@ -9,8 +9,7 @@ any training starts (see capsnet.signature).
 from __future__ import annotations
 
 import logging
-import os
-import shutil
+import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,28 +20,50 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 from torch import Tensor
 
 from capsnet.builders import build_datamodule, build_module
+from capsnet.callbacks import LastCheckpoint
 from capsnet.config_tree import print_config_tree
+from capsnet.data.mnist import DataError
 from capsnet.figures import write_run_figures
 from capsnet.history import EpochHistory, read_history, summarize
 from capsnet.models import count_parameters
 from capsnet.module import RUN_SIGNATURE_KEY
 from capsnet.run_record import git_commit, read_metrics, resolved_config, save_resolved_config, write_metrics
-from capsnet.schema import ConfigError, validate_config
+from capsnet.rundir import (
+    PREVIOUS_LAST,
+    AtomicCheckpointIO,
+    DamagedFileError,
+    RunDir,
+    RunDirBusyError,
+    checkpoint_way_out,
+    load_checkpoint_file,
+)
+from capsnet.schema import ConfigError, check_data_sizes, validate_config
+from capsnet.signals import Interrupted, SignalCatcher, catching_signals
 from capsnet.signature import SCHEDULE_LENGTH_KEYS, ResumeMismatchError, differences, run_signature
-from capsnet.tracking import build_loggers, finish_wandb, start_loggers
+from capsnet.tracking import StepLog, build_loggers, finish_wandb, start_loggers
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
 BEST = "best"
+
+
+class RecordWriteError(RuntimeError):
+    """metrics.json could not be written (a full or read-only disk)."""
+
+
+# Stop a job before any work: nothing is trained, nothing of the run is written.
+REFUSALS = (ConfigError, DataError, ResumeMismatchError, RunDirBusyError, DamagedFileError)
 
 
 def run_identity(cfg: DictConfig) -> dict[str, Any]:
@@ -104,9 +125,14 @@ def _best_checkpoint_callback(callbacks: dict[str, Callback], ckpt_dir: Path) ->
     return best
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> tuple[L.Trainer, ModelCheckpoint | None]:
-    """The Trainer of ``cfg.trainer`` with the ``callbacks`` and ``logger`` groups, plus
-    capsnet's own EpochHistory (history.csv).  Returns it with the best-checkpoint callback.
+def build_trainer(
+    cfg: DictConfig, run_dir: Path, resuming: bool = False, catcher: SignalCatcher | None = None
+) -> tuple[L.Trainer, ModelCheckpoint | None]:
+    """The Trainer of ``cfg.trainer`` with the ``callbacks`` and ``logger`` groups, plus what
+    every capsnet run has: EpochHistory (history.csv), LastCheckpoint (last.ckpt at the
+    points a resume can start from; the stop on a signal) and checkpoints written atomically
+    in the run dir (:class:`~capsnet.rundir.AtomicCheckpointIO`).  Returns it with the
+    best-checkpoint callback.
 
     Under SLURM, submitit owns requeueing (``hydra.launcher.max_num_timeout``); Lightning's
     own SIGUSR1 requeue is turned off so the two never both requeue one job.
@@ -116,14 +142,16 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> tup
     best = _best_checkpoint_callback(callbacks, run_dir / CHECKPOINT_DIR)
     # nested _target_ nodes (e.g. trainer.profiler) become objects; the rest stays as is
     kwargs: dict[str, Any] = instantiate(cfg.trainer, _convert_="all")
-    plugins = list(kwargs.pop("plugins", None) or [])
+    plugins = [p for p in list(kwargs.pop("plugins", None) or []) if not isinstance(p, AtomicCheckpointIO)]
+    plugins.append(AtomicCheckpointIO())
     if SLURMEnvironment.detect():
         plugins.append(SLURMEnvironment(auto_requeue=False))
     history = EpochHistory(run_dir, global_batch=int(cfg.data.batch_size))
+    last = LastCheckpoint(run_dir / CHECKPOINT_DIR, int(cfg.checkpoint.every_n_steps), catcher)
     trainer = L.Trainer(
         **kwargs,
-        plugins=plugins or None,
-        callbacks=[*callbacks.values(), history],
+        plugins=plugins,
+        callbacks=[*callbacks.values(), history, last],
         logger=loggers or False,
         default_root_dir=str(run_dir),
     )
@@ -134,9 +162,9 @@ def read_warm_start(path: Path, module: L.LightningModule) -> dict[str, Tensor]:
     """``ckpt_path``: the network weights of a capsnet checkpoint, checked against this
     run's network before training (same keys, same shapes) so a mismatch is refused early."""
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=False)
+        raw = load_checkpoint_file(path)
         state = {k: v for k, v in raw["state_dict"].items() if k.startswith("net.")}
-    except Exception as error:  # unreadable, or not a Lightning checkpoint: one message
+    except (DamagedFileError, KeyError, AttributeError, TypeError) as error:  # one message for every way
         raise ConfigError("ckpt_path", str(path), f"not a readable capsnet checkpoint ({error})") from error
     own = {k: v.shape for k, v in module.state_dict().items() if k.startswith("net.")}
     theirs = {k: v.shape for k, v in state.items()}
@@ -188,84 +216,143 @@ def check_parallel_setup(cfg: DictConfig, trainer: L.Trainer) -> None:
         )
 
 
+def job_log_name() -> str | None:
+    """Hydra's job log in the run dir (``train.log``), which this invocation started."""
+    return f"{HydraConfig.get().job.name}.log" if HydraConfig.initialized() else None
+
+
 @contextmanager
-def refusing_leaves_no_trace(run_dir: Path) -> Iterator[None]:
-    """On a refusal (invalid config, missing data, another run's dir) remove what this
-    invocation made: the run dir, but only while it holds nothing beyond Hydra's own files
-    for this job (``.hydra/`` and its log).  A dir holding anything else, such as other runs
-    or a user's files, is left exactly as it was."""
+def refusing_leaves_no_trace(run_dir: RunDir) -> Iterator[None]:
+    """On a refusal (invalid config, missing data, another run's dir, a busy or damaged
+    run dir) remove what this invocation made, and only that (see RunDir.undo)."""
     try:
         yield
-    except Exception:
-        hydra_own = {".hydra"}
-        if HydraConfig.initialized():
-            hydra_own.add(f"{HydraConfig.get().job.name}.log")
-        if run_dir.is_dir() and set(os.listdir(run_dir)) <= hydra_own:
-            shutil.rmtree(run_dir, ignore_errors=True)
+    except BaseException:
+        run_dir.undo()
         raise
 
 
-def stored_signature(checkpoint: Path) -> dict[str, Any] | None:
-    """The run signature saved with a checkpoint (memory-mapped: the weights are not read)."""
-    raw = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)
-    return raw.get(RUN_SIGNATURE_KEY) if isinstance(raw, dict) else None
+def checkpoint_header(checkpoint: Path) -> tuple[dict[str, Any] | None, int]:
+    """The run signature and global step saved with a checkpoint (memory-mapped: the
+    weights are not read).  A damaged file raises DamagedFileError naming the way out."""
+    try:
+        raw = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as error:  # truncated, zeroed, not a zip: all the same to a user
+        raise DamagedFileError(
+            checkpoint, f"not a readable checkpoint ({type(error).__name__}: {error})", checkpoint_way_out(checkpoint)
+        ) from error
+    if not isinstance(raw, dict) or "global_step" not in raw:
+        raise DamagedFileError(checkpoint, "not a Lightning training checkpoint", checkpoint_way_out(checkpoint))
+    return raw.get(RUN_SIGNATURE_KEY), int(raw["global_step"])
 
 
-def check_same_run(
-    run_dir: Path, signature: dict[str, Any], previous: dict[str, Any] | None, resume_from: Path | None
-) -> None:
-    """Refuse to skip to, or continue, a run of another configuration in this dir."""
+def find_resume_checkpoint(ckpt_dir: Path) -> Path | None:
+    """``last.ckpt``; or ``last.prev.ckpt`` when a kill fell between keeping the previous
+    checkpoint and renaming the new one into place (file systems without hard links)."""
+    for name in (LAST, PREVIOUS_LAST):
+        if (ckpt_dir / name).is_file():
+            if name == PREVIOUS_LAST:
+                log.warning("no %s, but %s: resuming from that", LAST, PREVIOUS_LAST)
+            return ckpt_dir / name
+    return None
+
+
+def check_same_run(run_dir: Path, signature: dict[str, Any], previous: dict[str, Any] | None) -> None:
+    """Refuse to skip to a finished run of another configuration in this dir."""
     if previous is not None and previous.get("status") in ("completed", "skipped") and "signature" in previous:
         changes = differences(previous["signature"], signature)
         if changes:
             raise ResumeMismatchError(str(run_dir), f"a {previous['status']} run", changes)
-    if resume_from is not None:
-        stored = stored_signature(resume_from)
-        if stored is None:
-            log.warning("%s has no run signature (written by an older capsnet): resuming unchecked", resume_from)
-            return
-        changes = differences(stored, signature, ignore=SCHEDULE_LENGTH_KEYS)
-        if changes:
-            raise ResumeMismatchError(str(run_dir), "an unfinished run", changes)
+
+
+def check_resumable(run_dir: Path, signature: dict[str, Any], stored: dict[str, Any] | None, path: Path) -> None:
+    """Refuse to continue an unfinished run of another configuration."""
+    if stored is None:
+        log.warning("%s has no run signature (written by an older capsnet): resuming unchecked", path)
+        return
+    changes = differences(stored, signature, ignore=SCHEDULE_LENGTH_KEYS)
+    if changes:
+        raise ResumeMismatchError(str(run_dir), "an unfinished run", changes)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train and test one configuration; return (and write) its metrics.json record."""
-    run_dir = Path(cfg.paths.output_dir)
-    ckpt_dir = run_dir / CHECKPOINT_DIR
-    with refusing_leaves_no_trace(run_dir):
-        validate_config(cfg)
-        datamodule = build_datamodule(cfg)
-        datamodule.prepare_data()
-        apply_matmul_precision(cfg.perf.matmul_precision)
-        resume_from = ckpt_dir / LAST if cfg.resume and (ckpt_dir / LAST).is_file() else None
-        trainer, best = build_trainer(cfg, run_dir, resuming=resume_from is not None)
-        check_parallel_setup(cfg, trainer)
-        signature = run_signature(resolved_config(cfg), trainer.world_size)
-        previous = read_metrics(run_dir)
-        check_same_run(run_dir, signature, previous if cfg.resume else None, resume_from)
-        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-        module = build_module(cfg, datamodule)
-        module.run_signature = signature
-        warm_start = read_warm_start(Path(cfg.ckpt_path), module) if cfg.ckpt_path and resume_from is None else None
+    """Train and test one configuration; return (and write) its metrics.json record.
 
-    identity = {
-        **run_identity(cfg),
-        "world_size": trainer.world_size,
-        "global_batch": int(cfg.data.batch_size),
-        "precision": str(cfg.trainer.precision),
-        "signature": signature,
-    }
-    if cfg.resume and previous is not None and previous.get("status") in ("completed", "skipped"):
-        log.info("%s already %s; skipping (resume=false to retrain)", run_dir, previous["status"])
-        return previous
-    if is_redundant_baseline(cfg):
-        record = {**identity, "status": "skipped", "error": "baseline trains only in the r=3, recon=true cell"}
-        if trainer.is_global_zero:
-            write_metrics(run_dir, record)
-        return record
+    Raises one of ``REFUSALS`` before any work (nothing trained, nothing of the run
+    written), or :class:`~capsnet.signals.Interrupted` after recording the stop.
+    """
+    owner = RunDir(cfg.paths.output_dir, job_log=job_log_name())
+    run_dir, ckpt_dir = owner.path, owner.path / CHECKPOINT_DIR
+    with catching_signals() as catcher:
+        with refusing_leaves_no_trace(owner):
+            if rank_zero_only.rank == 0:  # under DDP the ranks of one job share the lock of rank 0
+                owner.acquire()
+            validate_config(cfg)
+            datamodule = build_datamodule(cfg)
+            datamodule.prepare_data()
+            check_data_sizes(cfg, datamodule)
+            apply_matmul_precision(cfg.perf.matmul_precision)
+            previous = read_metrics(run_dir) if cfg.resume else None
+            finished = previous is not None and previous.get("status") in ("completed", "skipped")
+            resume_from = find_resume_checkpoint(ckpt_dir) if cfg.resume and not finished else None
+            stored, resume_step = checkpoint_header(resume_from) if resume_from is not None else (None, 0)
+            if resume_from is not None:
+                read_history(run_dir)  # a damaged history is named now, not halfway into training
+            trainer, best = build_trainer(cfg, run_dir, resuming=resume_from is not None, catcher=catcher)
+            check_parallel_setup(cfg, trainer)
+            signature = run_signature(resolved_config(cfg), trainer.world_size)
+            check_same_run(run_dir, signature, previous)
+            if resume_from is not None:
+                check_resumable(run_dir, signature, stored, resume_from)
+            L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+            module = build_module(cfg, datamodule)
+            module.run_signature = signature
+            warm_start = read_warm_start(Path(cfg.ckpt_path), module) if cfg.ckpt_path and resume_from is None else None
 
+        identity = {
+            **run_identity(cfg),
+            "world_size": trainer.world_size,
+            "global_batch": int(cfg.data.batch_size),
+            "precision": str(cfg.trainer.precision),
+            "signature": signature,
+        }
+        if finished:
+            log.info("%s already %s; skipping (resume=false to retrain)", run_dir, previous["status"])
+            owner.release()
+            return previous
+        if is_redundant_baseline(cfg):
+            record = {**identity, "status": "skipped", "error": "baseline trains only in the r=3, recon=true cell"}
+            if owner.holds_lock:
+                write_metrics(run_dir, record)
+            owner.release()
+            return record
+        if not cfg.resume and owner.holds_lock:
+            owner.supersede(keep={".hydra", *(filter(None, [owner.job_log]))})
+        try:
+            return _train_and_test(
+                cfg, owner, trainer, best, module, datamodule, identity, resume_from, resume_step, warm_start, catcher
+            )
+        finally:
+            owner.release()
+
+
+def _train_and_test(
+    cfg: DictConfig,
+    owner: RunDir,
+    trainer: L.Trainer,
+    best: ModelCheckpoint | None,
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    identity: dict[str, Any],
+    resume_from: Path | None,
+    resume_step: int,
+    warm_start: dict[str, Tensor] | None,
+    catcher: SignalCatcher,
+) -> dict[str, Any]:
+    """Fit, test, draw; the record says what happened, whatever happens."""
+    run_dir, ckpt_dir = owner.path, owner.path / CHECKPOINT_DIR
     started = time.time()
+    history = next(cb for cb in trainer.callbacks if isinstance(cb, EpochHistory))
     if trainer.is_global_zero:
         print_config_tree(cfg, run_dir)
     save_resolved_config(cfg, run_dir)
@@ -278,17 +365,29 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "tags": list(cfg.tags),
         "parameters": parameters,
     }
+    if resume_from is not None:
+        log.info("resuming from %s (step %d)", resume_from, resume_step)
+        record["resumed_from"] = str(resume_from)
+    if owner.holds_lock:
+        write_metrics(run_dir, record)  # a run in progress is never mistaken for a finished one
+    interrupted: Interrupted | None = None
     try:
+        for logger in trainer.loggers:
+            if isinstance(logger, StepLog):
+                logger.resume_step = resume_step
         start_loggers(trainer.loggers, cfg, run_dir)
         if warm_start is not None:
             module.load_state_dict(warm_start, strict=False)
             log.info("starting from the weights of %s", cfg.ckpt_path)
             record["warm_start"] = str(cfg.ckpt_path)
-        if resume_from is not None:
-            log.info("resuming from %s", resume_from)
-            record["resumed_from"] = str(resume_from)
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+        if trainer.global_step == 0:
+            raise RuntimeError(
+                "the run trained no step (check trainer.limit_train_batches, trainer.max_steps and the data size); "
+                "an untrained model is not a result"
+            )
         trainer.save_checkpoint(ckpt_dir / LAST)
+        record["training_wall_time_s"] = round(history.wall_time(), 2)
         best_path = best_checkpoint(best, ckpt_dir)
         val_examples = trainer.callback_metrics.get("val/examples")
         results = trainer.test(module, datamodule=datamodule, ckpt_path=str(best_path), verbose=False)
@@ -303,18 +402,43 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             val_examples=int(val_examples) if val_examples is not None else None,
             best_checkpoint=str(best_path),
         )
+    except (Interrupted, SIGTERMException) as error:
+        if isinstance(error, SIGTERMException):  # Lightning's own stop (a signal between its checks and ours)
+            error = Interrupted(signal.SIGTERM, trainer.global_step, saved=False)
+        interrupted = error
+        record.update(status="interrupted", error=str(error), signal=signal_name(error.signum))
     except Exception as error:  # recorded so one failed job never hides the others' results
         log.exception("run failed")
         record.update(status="failed", error=f"{type(error).__name__}: {error}")
     finally:
+        catcher.deferring = False  # from here on a second signal stops at once
         record.update(epochs=trainer.current_epoch, steps=trainer.global_step)
-        if history := summarize(read_history(run_dir)):
-            record["history"] = history
-        record["wall_time_s"] = round(time.time() - started, 2)
+        try:
+            if summary := summarize(read_history(run_dir)):
+                record["history"] = summary
+        except DamagedFileError as error:
+            record["history_error"] = str(error)
+        record["wall_time_s"] = round(history.wall_time(), 2)  # every segment of a resumed run
+        record["segment_wall_time_s"] = round(time.time() - started, 2)
         finish_wandb(trainer.loggers)
-        if trainer.is_global_zero:  # under DDP, one writer
-            write_metrics(run_dir, record)
+        if owner.holds_lock:  # under DDP, one writer
+            try:
+                write_metrics(run_dir, record)
+            except OSError as error:  # a full or read-only disk: the checkpoints on disk are still whole
+                raise RecordWriteError(
+                    f"could not write {run_dir / 'metrics.json'} ({error}); the run was {record['status']} at step "
+                    f"{record['steps']}, and every file on disk is whole: run the same command again once the disk "
+                    f"has room and is writable, and it resumes from checkpoints/last.ckpt"
+                ) from error
+    if interrupted is not None:
+        log.warning("%s; run the same command again to resume", interrupted)
+        catcher.chain()  # submitit requeues the job on its signal now that everything is saved
+        raise interrupted
     return record
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
 
 
 def best_checkpoint(best: ModelCheckpoint | None, ckpt_dir: Path) -> Path:

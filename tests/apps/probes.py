@@ -26,13 +26,16 @@ class StepLosses(L.Callback):
 
 
 class FailAt(L.Callback):
-    """Stops a run with an error at the start of training step ``step`` (a stand-in for a crash)."""
+    """Stops a run with an error at the start of training step ``step`` (a stand-in for a
+    crash); with ``seed``, only the run of that seed (``torch.initial_seed()``)."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, seed: int | None = None) -> None:
+        self.step, self.seed = step, seed
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.step:
+        import torch
+
+        if trainer.global_step == self.step and self.seed in (None, torch.initial_seed()):
             raise RuntimeError(f"stopped at step {self.step} by the test")
 
 
@@ -96,3 +99,136 @@ class WeightsAtStart(L.Callback):
         import torch
 
         torch.save({k: v.detach().cpu().clone() for k, v in pl_module.net.state_dict().items()}, self.path)
+
+
+# ---- fault injection (tests/integration/test_faults.py) ------------------------------------
+def _die(signum: int = 9) -> None:
+    import os
+
+    os.kill(os.getpid(), signum)
+
+
+class KillAt(L.Callback):
+    """Sends this process ``signum`` (SIGKILL by default) at a named phase of a real run:
+    ``train_step`` (as training step ``step`` starts), ``validation`` (after batch ``batch``
+    of epoch ``epoch``'s validation), ``test`` (after test batch ``batch``)."""
+
+    def __init__(self, phase: str, step: int = 0, epoch: int = 0, batch: int = 0, signum: int = 9) -> None:
+        assert phase in ("train_step", "validation", "test"), phase
+        self.phase, self.step, self.epoch, self.batch, self.signum = phase, step, epoch, batch, signum
+        self.sent = False
+
+    def _send(self) -> None:
+        if not self.sent:
+            self.sent = True
+            _die(self.signum)
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.phase == "train_step" and trainer.global_step == self.step:
+            self._send()
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        fitting = trainer.state.fn == "fit"
+        if self.phase == "validation" and fitting and trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            self._send()
+
+    def on_test_batch_end(
+        self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self.phase == "test" and batch_idx == self.batch:
+            self._send()
+
+
+class KillInCheckpointWrite(L.Callback):
+    """From step ``step`` on, the next checkpoint write stops half-way: ``torch.save`` writes
+    half of the bytes to the open file, then the process is SIGKILLed."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step < self.step:
+            return
+        import io
+
+        import torch
+
+        original = torch.save
+
+        def half_then_die(obj: Any, f: Any, *a: Any, **k: Any) -> None:
+            buffer = io.BytesIO()
+            original(obj, buffer, *a, **k)
+            data = buffer.getvalue()
+            f.write(data[: len(data) // 2])
+            f.flush()
+            _die()
+
+        torch.save = half_then_die
+
+
+class KillInFigures(L.Callback):
+    """The process is SIGKILLed while the run draws its figures (after test)."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import capsnet.training
+
+        def die(*args: Any, **kwargs: Any) -> None:
+            _die()
+
+        capsnet.training.write_run_figures = die
+
+
+class KillInRecordWrite(L.Callback):
+    """The process is SIGKILLed while it writes the completed record (metrics.json)."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import capsnet.run_record
+
+        original = capsnet.run_record.atomic_write_json
+
+        def maybe_die(path: Any, record: dict[str, Any]) -> Any:
+            if record.get("status") == "completed":
+                _die()
+            return original(path, record)
+
+        capsnet.run_record.atomic_write_json = maybe_die
+
+
+class SignalSelfAt(L.Callback):
+    """Sends this process ``signum`` as training step ``step`` starts (a scheduler's or a
+    user's signal, at a known step)."""
+
+    def __init__(self, step: int, signum: int = 15) -> None:
+        self.step, self.signum, self.sent = step, signum, False
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            _die(self.signum)
+
+
+class SlowSteps(L.Callback):
+    """Sleeps ``seconds`` after every training step (a long run, at smoke scale)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        import time
+
+        time.sleep(self.seconds)
+
+
+class RemountReadOnlyAt(L.Callback):
+    """At training step ``step``, remounts ``mountpoint`` (a tmpfs the test mounted) read-only."""
+
+    def __init__(self, step: int, mountpoint: str) -> None:
+        self.step, self.mountpoint = step, mountpoint
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            import subprocess
+
+            subprocess.run(["mount", "-o", "remount,ro", self.mountpoint], check=True)

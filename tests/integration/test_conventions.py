@@ -48,7 +48,7 @@ def _flat_resolved(run_dir: Path) -> dict[str, Any]:
 
 def test_the_template_groups_compose() -> None:
     callbacks = _compose().callbacks
-    assert set(callbacks) == {"model_checkpoint", "last_checkpoint", "lr_monitor", "progress_bar", "model_summary"}
+    assert set(callbacks) == {"model_checkpoint", "lr_monitor", "progress_bar", "model_summary"}
     assert callbacks.lr_monitor.logging_interval == "step"
     assert "early_stopping" in _compose("callbacks=[default,early_stopping]").callbacks
     assert set(_compose("logger=many").logger) == {"csv", "tensorboard", "wandb"}

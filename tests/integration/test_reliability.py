@@ -36,6 +36,33 @@ BAD_VALUES = [
     ("perf.compile=fastest", "perf.compile"),
     ("perf.matmul_precision=tf32", "perf.matmul_precision"),
     ("data.train_subset=8", "data.train_subset"),
+    # each of these was accepted, or failed inside training, before the reliability work
+    ("optim.lr=nan", "optim.lr"),
+    ("optim.lr=inf", "optim.lr"),
+    ("trainer.max_epochs=abc", "trainer.max_epochs"),
+    ("trainer.max_epochs=0", "trainer.max_epochs"),
+    ("data.val_size=60000", "data.val_size"),
+    ("data.batch_size=60000", "data.batch_size"),
+    ("seed=4294967296", "seed"),
+    ("seed=-1", "seed"),
+    ("loss.recon_weight=nan", "loss.recon_weight"),
+    ("loss.m_pos=-1", "loss.m_pos"),
+    ("loss.m_neg=0.95", "loss.m_neg"),
+    ("loss.lam=inf", "loss.lam"),
+    ("data.max_shift=-3", "data.max_shift"),
+    ("experiment_name=''", "experiment_name"),
+    ("+optim.momentum=0.9", "optim.momentum"),
+    ("+loss.margin=0.2", "loss.margin"),
+    ("+model.dropout=0.3", "model.dropout"),
+    ("+data.shuffle=false", "data.shuffle"),
+    ("+trainer.max_epoch=3", "trainer.max_epoch"),
+    ("+learning_rate=0.1", "learning_rate"),
+    ("routing.iters=1000000000", "routing.iters"),
+    ("routing.leaky=maybe", "routing.leaky"),
+    ("trainer.limit_train_batches=0", "trainer.limit_train_batches"),
+    ("trainer.max_steps=0", "trainer.max_steps"),
+    ("trainer.precision=8-true", "trainer.precision"),
+    ("optim.decay_rate=1.5", "optim.decay_rate"),
 ]
 
 
@@ -48,7 +75,15 @@ def test_bad_value_fails_before_work_naming_the_key(override: str, key: str, mak
 
 
 @pytest.mark.parametrize(
-    ("override", "key"), [BAD_VALUES[0], ("model._target_=capsnet.models.ResNet", "model._target_")]
+    ("override", "key"),
+    [
+        BAD_VALUES[0],
+        ("model._target_=capsnet.models.ResNet", "model._target_"),
+        ("optim.lr=nan", "optim.lr"),
+        ("data.val_size=60000", "data.val_size"),
+        ("experiment_name=''", "experiment_name"),
+        ("+optim.momentum=0.9", "optim.momentum"),
+    ],
 )
 def test_bad_value_on_the_command_line_exits_with_the_message(
     override: str, key: str, tmp_path: Path, mnist_dir: Path
@@ -155,7 +190,7 @@ def test_sigkill_mid_epoch_then_same_command_resumes_exactly(tmp_path: Path, mni
     process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert killed_at is not None and killed_at < 18
-    assert not (killed_dir / "metrics.json").exists()
+    assert json.loads((killed_dir / "metrics.json").read_text())["status"] == "running"  # never "completed"
 
     result = run_cli("train.py", *RESUME_ARGS, data, f"hydra.run.dir={killed_dir}")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -198,27 +233,37 @@ def test_injected_nan_stops_the_run_naming_step_and_parts(make_cfg, monkeypatch)
     assert on_disk["status"] == "failed" and on_disk["error"] == record["error"]
 
 
-def test_failed_job_does_not_stop_the_sweep(tmp_path: Path, mnist_dir: Path) -> None:
+def test_a_sweep_survives_a_failed_and_a_refused_job_and_sums_them_up(tmp_path: Path, mnist_dir: Path) -> None:
+    """One job trains, one fails while training, one is refused before any work: the sweep
+    goes on, each outcome is recorded with its reason, and the driver exits 1."""
     sweep_dir = tmp_path / "sweep"
     result = run_cli(
         "train.py",
         "-m",
-        "loss.recon_weight=inf,0.0005",
+        "seed=0,1,4294967296",
+        "+callbacks.crash._target_=apps.probes.FailAt",
+        "+callbacks.crash.step=0",
+        "+callbacks.crash.seed=1",
         "profile=smoke",
         "logger=none",
+        "figures=false",
         "trainer.limit_train_batches=1",
         "data.val_subset=32",
         "data.test_subset=32",
         f"paths.data_dir={mnist_dir}",
         f"hydra.sweep.dir={sweep_dir}",
     )
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 1, result.stderr[-3000:]
+    outcomes = {
+        json.loads(p.read_text())["job"]: json.loads(p.read_text()) for p in (sweep_dir / "jobs").glob("*.json")
+    }
+    assert [outcomes[k]["status"] for k in (0, 1, 2)] == ["completed", "failed", "refused"]
+    assert "stopped at step 0 by the test" in outcomes[1]["reason"]
+    assert "invalid config value seed=4294967296" in outcomes[2]["reason"]
     records = {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/metrics.json")}
-    (failed,) = [r for name, r in records.items() if "recon_weight=inf" in name]
-    (healthy,) = [r for name, r in records.items() if "recon_weight=0.0005" in name]
-    assert failed["status"] == "failed" and "non-finite loss at step 0" in failed["error"]
-    assert "recon=inf" in failed["error"]
-    assert healthy["status"] == "completed"
+    assert sorted(r["status"] for r in records.values()) == ["completed", "failed"]  # the refused job left no run dir
+    assert "sweep summary: 1 completed, 1 failed, 1 refused" in result.stderr
+    assert "job 2 (seed=4294967296" in result.stderr and "refused: invalid config value seed" in result.stderr
 
 
 def test_bad_checkpoints_are_refused(tmp_path: Path, make_cfg) -> None:

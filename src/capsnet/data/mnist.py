@@ -114,6 +114,7 @@ class MNISTDataModule(L.LightningDataModule):
         self.train_subset, self.val_subset, self.test_subset = train_subset, val_subset, test_subset
         self.overfit_batches = overfit_batches
         self.train_set: tuple[Tensor, Tensor] | None = None
+        self._full_train: tuple[Tensor, Tensor] | None = None
         self._on_device: dict[tuple[str, str], tuple[Tensor, ...]] = {}
 
     @property
@@ -127,10 +128,21 @@ class MNISTDataModule(L.LightningDataModule):
         """A split as (uint8 images, int64 labels); the datasets built on this class override it."""
         return load_mnist(self.data_dir, train=train)
 
+    def full_training_split(self) -> tuple[Tensor, Tensor]:
+        """The whole training split (before the validation hold-out), read once."""
+        if self._full_train is None:
+            self._full_train = self.read(train=True)
+        return self._full_train
+
+    def num_training_examples(self) -> int:
+        """Examples in the training split, validation hold-out included (checked against the
+        config before any work)."""
+        return len(self.full_training_split()[1])
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        train, val = split_train_val(*self.read(train=True), self.val_size, self.split_seed)
+        train, val = split_train_val(*self.full_training_split(), self.val_size, self.split_seed)
         self.train_set = _take(train, self.train_subset)
         self.val_set = _take(val, self.val_subset)
         self.test_set = _take(self.read(train=False), self.test_subset)
