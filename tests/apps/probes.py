@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.experimental.callback import Callback
 
 
 class StepLosses(L.Callback):
@@ -96,3 +97,71 @@ class WeightsAtStart(L.Callback):
         import torch
 
         torch.save({k: v.detach().cpu().clone() for k, v in pl_module.net.state_dict().items()}, self.path)
+
+
+class RecordEnv(L.Callback):
+    """Writes, as training starts, what the job's process was given to ``path`` (JSON): its
+    GPU (``CUDA_VISIBLE_DEVICES`` and Ray's GPU ids, under a Ray launcher), pid, working dir,
+    ``CAPSNET_DATA_DIR`` and where ``capsnet`` was imported from."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import os
+
+        import capsnet
+
+        try:
+            import ray
+
+            ray_gpu_ids = [str(i) for i in ray.get_gpu_ids()] if ray.is_initialized() else None
+        except ImportError:
+            ray_gpu_ids = None
+        record = {
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "ray_gpu_ids": ray_gpu_ids,
+            "pid": os.getpid(),
+            "cwd": os.getcwd(),
+            "capsnet_data_dir": os.environ.get("CAPSNET_DATA_DIR"),
+            "capsnet_file": capsnet.__file__,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(record))
+
+
+class KillSelfAt(L.Callback):
+    """In the run where ``value`` equals ``kill_value``: appends ``<pid>`` to ``starts`` as
+    training starts (one line per start, so a retry shows), then kills its own process with
+    SIGKILL at the start of training step ``step``, as the OOM killer or a lost node would.
+    ``value`` is meant to be an interpolation (``${routing.iters}``), so one callback config
+    picks one job of a sweep."""
+
+    def __init__(self, step: int, value: Any, kill_value: Any, starts: str) -> None:
+        # not "log": capsnet binds the LightningModule's log method onto callbacks' "log"
+        self.step, self.active, self.starts = step, value == kill_value, Path(starts)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.active:
+            import os
+
+            with self.starts.open("a") as handle:
+                handle.write(f"{os.getpid()}\n")
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.active and trainer.global_step == self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SweepEnd(Callback):
+    """A Hydra callback (``hydra.callbacks``): writes ``path`` when the sweep's
+    ``on_multirun_end`` runs, i.e. when the launcher returned and the sweeper did not raise."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        self.path.write_text(json.dumps({"sweep_dir": str(config.hydra.sweep.dir)}))
