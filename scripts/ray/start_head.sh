@@ -5,18 +5,30 @@
 # head and the processes it started, never another Ray on the machine (no `ray stop`).
 #
 #   scripts/ray/start_head.sh <dir> [port]      # prints the head's address, e.g. 10.0.0.5:46379
+#   set -a; . <dir>/driver.env; set +a           # the head's authentication, for the driver
 #   python src/train.py -m hydra/launcher=ray_gpus hydra.launcher.ray.init.address=<that address> ...
 #   scripts/ray/stop_head.sh <dir>
 #
 # <dir> becomes the head's working directory and holds everything it writes: head.log,
-# head.pid, address, and Ray's temp dir <dir>/ray (sessions, logs, sockets).  Keep <dir>
-# short (e.g. /tmp/rayhead): Ray's Unix sockets live under it and a socket path may not
-# exceed 107 bytes.  Settings (environment):
+# head.pid, address, driver.env, auth_token, and Ray's temp dir <dir>/ray (sessions, logs,
+# sockets).  Keep <dir> short (e.g. /tmp/rayhead): Ray's Unix sockets live under it and a
+# socket path may not exceed 107 bytes.
+#
+# Authentication is chosen here, not left to chance: `ray start` turns token
+# authentication on by itself when ~/.ray/auth_token exists (any earlier local ray.init()
+# writes one), and a driver that joins by <ip>:<port> then cannot connect unless it sets
+# RAY_AUTH_MODE=token.  By default the head gets a token of its own (<dir>/auth_token,
+# readable by you only), so nobody else on the network can run code on it, and
+# <dir>/driver.env holds the two variables a driver needs (RAY_AUTH_MODE=token,
+# RAY_AUTH_TOKEN_PATH=<dir>/auth_token).  RAY_HEAD_AUTH=disabled starts an open head
+# (driver.env then says RAY_AUTH_MODE=disabled).  Settings (environment):
 #   RAY_HEAD_NUM_GPUS  GPUs the head declares (default 2; they need not exist: Ray then
 #                      just hands out the ids 0..N-1 through CUDA_VISIBLE_DEVICES)
 #   RAY_HEAD_NUM_CPUS  CPUs the head declares (default: the machine's count)
 #   RAY_HEAD_NODE_IP   the address the head listens on (default: Ray's choice)
+#   RAY_HEAD_OBJECT_STORE_BYTES  the head's object store (default: Ray's, ~30% of memory)
 #   RAY_HEAD_TIMEOUT   seconds to wait for the head to come up (default 120)
+#   RAY_HEAD_AUTH      token (default) or disabled
 #   RAY                the `ray` executable (default: the one on PATH)
 # The head's jobs run with this script's environment plus whatever the launcher forwards
 # (hydra.launcher.forward_env): start it from a plain shell to see what a cluster node sees.
@@ -33,6 +45,7 @@ ray_bin="${RAY:-ray}"
 num_gpus="${RAY_HEAD_NUM_GPUS:-2}"
 num_cpus="${RAY_HEAD_NUM_CPUS:-$(nproc)}"
 timeout="${RAY_HEAD_TIMEOUT:-120}"
+auth="${RAY_HEAD_AUTH:-token}"
 temp_dir="$dir/ray"
 
 # Ray puts <temp dir>/session_<date>_<time>_<pid>/sockets/plasma_store (61 more bytes) under it.
@@ -44,7 +57,22 @@ if [ -f "$dir/head.pid" ] && kill -0 "$(cat "$dir/head.pid")" 2>/dev/null; then
   echo "error: a head already runs from $dir (pid $(cat "$dir/head.pid")); stop it with scripts/ray/stop_head.sh $dir" >&2
   exit 1
 fi
-rm -f "$dir/head.pid" "$dir/address" "$temp_dir/ray_current_cluster"
+rm -f "$dir/head.pid" "$dir/address" "$dir/driver.env" "$temp_dir/ray_current_cluster"
+
+case "$auth" in
+  token)
+    (umask 077 && od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$dir/auth_token")
+    auth_env=(RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$dir/auth_token")
+    ;;
+  disabled)
+    auth_env=(RAY_AUTH_MODE=disabled)
+    ;;
+  *)
+    echo "error: RAY_HEAD_AUTH must be token or disabled, got $auth" >&2
+    exit 2
+    ;;
+esac
+printf '%s\n' "${auth_env[@]}" >"$dir/driver.env"
 
 # Every port the head would otherwise take at a fixed default is chosen here, next to the
 # GCS port, so two heads on one machine never collide: Ray client server port+1,
@@ -64,6 +92,9 @@ args=(
 if [ -n "${RAY_HEAD_NODE_IP:-}" ]; then
   args+=(--node-ip-address="$RAY_HEAD_NODE_IP")
 fi
+if [ -n "${RAY_HEAD_OBJECT_STORE_BYTES:-}" ]; then
+  args+=(--object-store-memory="$RAY_HEAD_OBJECT_STORE_BYTES")
+fi
 
 # `ray start --block` stays in the foreground and, on SIGTERM, drains and stops every
 # process of its node.  setsid makes it the leader of a new session: every process the
@@ -71,7 +102,7 @@ fi
 # stop_head.sh finds exactly them.  The script runs without job control, so setsid does
 # not fork and $! is the head's own pid (checked below).
 cd "$dir"
-setsid "$ray_bin" "${args[@]}" >"$dir/head.log" 2>&1 </dev/null &
+env "${auth_env[@]}" setsid "$ray_bin" "${args[@]}" >"$dir/head.log" 2>&1 </dev/null &
 pid=$!
 echo "$pid" >"$dir/head.pid"
 if [ "$(ps -o sid= -p "$pid" | tr -d ' ')" != "$pid" ]; then

@@ -277,7 +277,16 @@ class RayGpuLauncher(RayLauncher):
         if not ray.is_initialized():
             init, joins = ray_init_args(OmegaConf.to_container(self.ray_cfg.init, resolve=True))  # type: ignore[arg-type]
             log.info(f"{'Joining' if joins else 'Starting'} Ray: {init}")
-            ray.init(**init)
+            try:
+                ray.init(**init)
+            except ConnectionError as error:
+                if not joins or "RAY_AUTH_MODE" in os.environ:
+                    raise
+                raise ConnectionError(
+                    f"{error}. If that cluster uses token authentication (`ray start` turns it on when "
+                    "~/.ray/auth_token exists), set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH (or "
+                    "RAY_AUTH_TOKEN) in the shell that runs the sweep."
+                ) from error
         gpus = ray.cluster_resources().get("GPU", 0)
         if gpus <= 0:
             raise NoGpuError(
