@@ -105,8 +105,10 @@ cd "$dir"
 env "${auth_env[@]}" setsid "$ray_bin" "${args[@]}" >"$dir/head.log" 2>&1 </dev/null &
 pid=$!
 echo "$pid" >"$dir/head.pid"
-if [ "$(ps -o sid= -p "$pid" | tr -d ' ')" != "$pid" ]; then
-  echo "error: the head (pid $pid) did not become a session leader; see $dir/head.log" >&2
+session="$(ps -o sid= -p "$pid" | tr -d ' ')"  # empty if it already exited: reported below
+if [ -n "$session" ] && [ "$session" != "$pid" ]; then
+  echo "error: the head (pid $pid) did not become a session leader (session $session); stopping it" >&2
+  kill -TERM "$pid"
   exit 1
 fi
 

@@ -223,7 +223,7 @@ class RayGpuLauncher(RayLauncher):
         jobs_per_gpu: jobs that run at once on one GPU (an integer >= 1).
         cpus_per_job: CPU cores Ray reserves for each job.
         forward_env: names (shell patterns) of the driver's environment variables that every
-            job gets, wherever its worker runs.
+            job gets when the launcher joins a running cluster.
     """
 
     def __init__(
