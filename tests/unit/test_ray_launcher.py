@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -20,6 +21,7 @@ LOCAL_OBJECT_STORE_BYTES = ray_gpus.LOCAL_OBJECT_STORE_BYTES
 
 
 def _launcher(*overrides: str) -> ray_gpus.RayGpuLauncher:
+    GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=["hydra/launcher=ray_gpus", *overrides], return_hydra_config=True)
     return instantiate(cfg.hydra.launcher)
