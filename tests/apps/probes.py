@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from hydra.experimental.callback import Callback
 
 
 class StepLosses(L.Callback):
@@ -154,14 +153,3 @@ class KillSelfAt(L.Callback):
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)
-
-
-class SweepEnd(Callback):
-    """A Hydra callback (``hydra.callbacks``): writes ``path`` when the sweep's
-    ``on_multirun_end`` runs, i.e. when the launcher returned and the sweeper did not raise."""
-
-    def __init__(self, path: str) -> None:
-        self.path = Path(path)
-
-    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-        self.path.write_text(json.dumps({"sweep_dir": str(config.hydra.sweep.dir)}))

@@ -215,7 +215,7 @@ def test_a_worker_killed_mid_job_loses_only_that_job(ray_head: Head, mnist_dir: 
         f"hydra.sweep.dir={sweep_dir}",
         TEST_CONFIGS,
         "callbacks=[default,kill_r2]",  # routing.iters=2 SIGKILLs its own worker at step 0
-        "+hydra.callbacks.sweep_end._target_=apps.probes.SweepEnd",
+        "+hydra.callbacks.sweep_end._target_=apps.hydra_callbacks.SweepEnd",
         f"+hydra.callbacks.sweep_end.path={sweep_end}",
     )
     print(f"\ncluster sweep of 3 jobs, one killed: {seconds:.1f} s")

@@ -100,7 +100,7 @@ def test_a_lost_job_is_recorded_and_the_others_finish(tmp_path: Path) -> None:
         *RAY_INIT,
         "kill_job=1",
         "exit_job=2",
-        "+hydra.callbacks.sweep_end._target_=apps.probes.SweepEnd",
+        "+hydra.callbacks.sweep_end._target_=apps.hydra_callbacks.SweepEnd",
         f"+hydra.callbacks.sweep_end.path={sweep_end}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
