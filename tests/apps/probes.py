@@ -232,3 +232,60 @@ class RemountReadOnlyAt(L.Callback):
             import subprocess
 
             subprocess.run(["mount", "-o", "remount,ro", self.mountpoint], check=True)
+
+
+class RecordEnv(L.Callback):
+    """Writes, as training starts, what the job's process was given to ``path`` (JSON): its
+    GPU (``CUDA_VISIBLE_DEVICES`` and Ray's GPU ids, under a Ray launcher), pid, working dir,
+    ``CAPSNET_DATA_DIR`` and where ``capsnet`` was imported from."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import os
+
+        import capsnet
+
+        try:
+            import ray
+
+            ray_gpu_ids = [str(i) for i in ray.get_gpu_ids()] if ray.is_initialized() else None
+        except ImportError:
+            ray_gpu_ids = None
+        record = {
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "ray_gpu_ids": ray_gpu_ids,
+            "pid": os.getpid(),
+            "cwd": os.getcwd(),
+            "capsnet_data_dir": os.environ.get("CAPSNET_DATA_DIR"),
+            "capsnet_file": capsnet.__file__,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(record))
+
+
+class KillSelfAt(L.Callback):
+    """In the run where ``value`` equals ``kill_value``: appends ``<pid>`` to ``starts`` as
+    training starts (one line per start, so a retry shows), then kills its own process with
+    SIGKILL at the start of training step ``step``, as the OOM killer or a lost node would.
+    ``value`` is meant to be an interpolation (``${routing.iters}``), so one callback config
+    picks one job of a sweep."""
+
+    def __init__(self, step: int, value: Any, kill_value: Any, starts: str) -> None:
+        # not "log": capsnet binds the LightningModule's log method onto callbacks' "log"
+        self.step, self.active, self.starts = step, value == kill_value, Path(starts)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.active:
+            import os
+
+            with self.starts.open("a") as handle:
+                handle.write(f"{os.getpid()}\n")
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.active and trainer.global_step == self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)

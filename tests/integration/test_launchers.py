@@ -21,7 +21,11 @@ RAY_INIT = ["+hydra.launcher.ray.init.num_gpus=2", "+hydra.launcher.ray.init.num
 def _sweep(tmp_path: Path, jobs: int, jobs_per_gpu: int, *extra: str) -> tuple[subprocess.CompletedProcess, list]:
     records = tmp_path / "records"
     records.mkdir()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT / "src")}
+    env = {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]),
+    }
     result = subprocess.run(
         [
             sys.executable,
@@ -82,6 +86,38 @@ def test_ray_places_jobs_on_free_gpu_shares(tmp_path: Path, jobs_per_gpu: int) -
 def test_no_gpu_at_all_is_refused_instead_of_waiting_forever(tmp_path: Path) -> None:
     result, jobs = _sweep(tmp_path, 2, 1, "+hydra.launcher.ray.init.num_gpus=0", "+hydra.launcher.ray.init.num_cpus=2")
     assert result.returncode != 0 and "Ray sees none here" in result.stderr and not jobs
+
+
+def test_a_lost_job_is_recorded_and_the_others_finish(tmp_path: Path) -> None:
+    """One job's worker is SIGKILLed, another job calls sys.exit(2): the sweep goes on, both
+    are recorded as lost with their reason, neither is retried, and the sweep's end-of-run
+    callbacks run."""
+    sweep_end = tmp_path / "sweep_end.json"
+    result, jobs = _sweep(
+        tmp_path,
+        5,
+        1,
+        *RAY_INIT,
+        "kill_job=1",
+        "exit_job=2",
+        "+hydra.callbacks.sweep_end._target_=apps.hydra_callbacks.SweepEnd",
+        f"+hydra.callbacks.sweep_end.path={sweep_end}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(j["job"] for j in jobs) == [0, 3, 4]  # the others ran to their end
+    starts = sorted(p.name.split(".")[0] for p in (tmp_path / "records").glob("*.start"))
+    assert starts == ["job0", "job1", "job2", "job3", "job4"]  # each job started once: no retry
+    sweep_dir = tmp_path / "sweep"
+    lost = {p.name: json.loads(p.read_text()) for p in (sweep_dir / "jobs").glob("*.json")}
+    assert sorted(lost) == ["1.json", "2.json"]
+    killed, exited = lost["1.json"], lost["2.json"]
+    assert killed["job"] == 1 and killed["status"] == "lost" and "job=1" in killed["overrides"]
+    assert killed["reason"].startswith("WorkerCrashedError: The worker died"), killed["reason"]
+    assert exited["job"] == 2 and exited["status"] == "lost"
+    assert exited["reason"] == "JobExit: the job ended its process with sys.exit(2) instead of returning"
+    assert killed["run_dir"] == str(sweep_dir / "1") and Path(killed["run_dir"]).is_dir()  # Hydra's subdir: the job num
+    assert json.loads(sweep_end.read_text()) == {"sweep_dir": str(sweep_dir)}
+    assert "2 of 5 jobs were lost" in result.stdout
 
 
 def test_training_sweep_under_ray(tmp_path: Path, mnist_dir: Path) -> None:
