@@ -71,12 +71,17 @@ class LastCheckpoint(Checkpoint):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         batch_idx = args[-1]
         last_of_epoch = batch_idx + 1 >= trainer.num_training_batches
-        stop = self._stop_requested(trainer)
-        saving = not last_of_epoch and (stop or trainer.global_step % self.every_n_steps == 0)
-        if saving:
+        self._stopping = self._stop_requested(trainer)
+        if not last_of_epoch and (self._stopping or trainer.global_step % self.every_n_steps == 0):
             self.save(trainer)
-        if stop:
-            raise Interrupted(self.catcher.signum, trainer.global_step, saved=saving)
+            self._saved_at = trainer.global_step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        """A stop asked during the last step takes effect here, once Lightning has logged that
+        step (its row in the step log belongs to the checkpoint just written)."""
+        if getattr(self, "_stopping", False):
+            saved = getattr(self, "_saved_at", None) == trainer.global_step
+            raise Interrupted(self.catcher.signum, trainer.global_step, saved=saved)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.save(trainer)

@@ -91,9 +91,14 @@ class EpochHistory(L.Callback):
         # applied when training starts: testing a checkpoint restores callback states too
         self._restored_wall_time = float(state_dict.get("wall_time_s", 0.0))
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A resumed fit continues the clock of the checkpoint (even when nothing is left
+        to train: a run killed during its test resumes at its end)."""
         if (restored := getattr(self, "_restored_wall_time", None)) is not None:
             self.wall_before, self.started, self._restored_wall_time = restored, time.time(), None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.on_fit_start(trainer, pl_module)  # strategies that restore after setup restore here
         # After a resume has restored the loops: current_epoch is the epoch trained next.
         # A run resumed mid-epoch gets no on_train_epoch_start for that epoch: start the clock here.
         self.on_train_epoch_start(trainer, pl_module)

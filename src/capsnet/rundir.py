@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import logging
 import os
@@ -199,9 +200,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         path = Path(path)
         checkpoint[DIGEST_KEY] = tensor_crc(checkpoint)
+        # Serialised in memory first (as Lightning does): the file write alone can then fail,
+        # and a full disk says so (OSError ENOSPC) rather than torch's "unexpected pos".
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
         if path.name == LAST and path.is_file():
             _keep_previous(path)
-        atomic_write(path, lambda handle: torch.save(checkpoint, handle))
+        atomic_write(path, lambda handle: handle.write(buffer.getbuffer()))
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         if not Path(path).is_file():

@@ -81,11 +81,17 @@ def wandb_arguments(node: DictConfig, run_dir: Path, resuming: bool, tags: list[
 class _StepLogWriter(ExperimentWriter):
     """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued, not
     deleted: the rows of the steps a resumed run trains again are dropped (so each step is
-    listed once), the rest kept."""
+    listed once), the rest kept; and every row is written when it is logged, not 100 steps
+    later."""
 
     def __init__(self, log_dir: str, keep_before_step: int) -> None:
         self.keep_before_step = keep_before_step
         super().__init__(log_dir=log_dir)
+
+    def log_metrics(self, metrics_dict: dict[str, float], step: int | None = None) -> None:
+        """Each row reaches the file at once (Lightning buffers 100 steps, which a kill loses)."""
+        super().log_metrics(metrics_dict, step)
+        self.save()
 
     def _check_log_dir_exists(self) -> None:
         path = Path(self.metrics_file_path)

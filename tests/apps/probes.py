@@ -142,8 +142,8 @@ class KillAt(L.Callback):
 
 
 class KillInCheckpointWrite(L.Callback):
-    """From step ``step`` on, the next checkpoint write stops half-way: ``torch.save`` writes
-    half of the bytes to the open file, then the process is SIGKILLed."""
+    """From step ``step`` on, the next checkpoint file write stops half-way: half of the bytes
+    reach the file being written, then the process is SIGKILLed."""
 
     def __init__(self, step: int) -> None:
         self.step = step
@@ -153,19 +153,23 @@ class KillInCheckpointWrite(L.Callback):
             return
         import io
 
-        import torch
+        import capsnet.rundir
 
-        original = torch.save
+        original = capsnet.rundir.atomic_write
 
-        def half_then_die(obj: Any, f: Any, *a: Any, **k: Any) -> None:
+        def half_then_die(path: Any, write: Any) -> Any:
+            if not str(path).endswith(".ckpt"):
+                return original(path, write)
             buffer = io.BytesIO()
-            original(obj, buffer, *a, **k)
+            write(buffer)
             data = buffer.getvalue()
-            f.write(data[: len(data) // 2])
-            f.flush()
-            _die()
+            with capsnet.rundir.temp_path(Path(path)).open("wb") as handle:
+                handle.write(data[: len(data) // 2])
+                handle.flush()
+                _die()
+            return None
 
-        torch.save = half_then_die
+        capsnet.rundir.atomic_write = half_then_die
 
 
 class KillInFigures(L.Callback):
@@ -221,17 +225,35 @@ class SlowSteps(L.Callback):
         time.sleep(self.seconds)
 
 
-class RemountReadOnlyAt(L.Callback):
-    """At training step ``step``, remounts ``mountpoint`` (a tmpfs the test mounted) read-only."""
+class ReadOnlyAt(L.Callback):
+    """At training step ``step``, makes ``folder`` read-only: a read-only bind mount of it
+    onto itself (root; permissions alone do not stop root)."""
 
-    def __init__(self, step: int, mountpoint: str) -> None:
-        self.step, self.mountpoint = step, mountpoint
+    def __init__(self, step: int, folder: str) -> None:
+        self.step, self.folder = step, folder
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         if trainer.global_step == self.step:
             import subprocess
 
-            subprocess.run(["mount", "-o", "remount,ro", self.mountpoint], check=True)
+            subprocess.run(["mount", "--bind", self.folder, self.folder], check=True)
+            subprocess.run(["mount", "-o", "remount,ro,bind", self.folder], check=True)
+
+
+class WaitForFile(L.Callback):
+    """At training step ``step``, waits until ``path`` exists (the test holds a run at a
+    known point while it does something else)."""
+
+    def __init__(self, step: int, path: str) -> None:
+        self.step, self.path = step, Path(path)
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            import time
+
+            (self.path.parent / f"{self.path.name}.waiting").touch()
+            while not self.path.exists():
+                time.sleep(0.05)
 
 
 class RecordEnv(L.Callback):
