@@ -49,27 +49,38 @@ if pid_of slurmctld >/dev/null; then
 fi
 
 # --- 2. daemons, by pid file ----------------------------------------------------------------
-stop_daemon() { # stop_daemon <daemon>: TERM, wait up to 30 s, then KILL
-  local pid
-  pid="$(pid_of "$1")" || return 0
-  kill -TERM "$pid" 2>/dev/null
-  for ((tick = 0; tick < 150; tick++)); do
-    [ -d "/proc/$pid" ] || break
-    sleep 0.2
+stop_daemons() { # stop_daemons <daemon>...: TERM them together, wait up to 30 s, then KILL
+  local daemon pid alive pids=() names=()
+  for daemon in "$@"; do
+    if pid="$(pid_of "$daemon")"; then
+      kill -TERM "$pid" 2>/dev/null
+      pids+=("$pid")
+      names+=("$daemon ($pid)")
+    fi
   done
-  if [ -d "/proc/$pid" ]; then
-    say "$1 ($pid) ignored TERM for 30 s: KILL"
-    kill -KILL "$pid" 2>/dev/null
-  fi
-  say "stopped $1 ($pid)"
+  [ ${#pids[@]} -gt 0 ] || return 0
+  for ((tick = 0; tick < 300; tick++)); do
+    alive=0
+    for pid in "${pids[@]}"; do [ -d "/proc/$pid" ] && alive=1; done
+    [ $alive = 0 ] && break
+    sleep 0.1
+  done
+  for pid in "${pids[@]}"; do
+    if [ -d "/proc/$pid" ]; then
+      say "$pid ignored TERM for 30 s: KILL"
+      kill -KILL "$pid" 2>/dev/null
+    fi
+  done
+  say "stopped ${names[*]}"
 }
-for daemon in slurmd slurmctld slurmdbd mariadbd munged; do
-  stop_daemon "$daemon"
-done
+# the SLURM daemons, then the accounting daemon, then what it used
+stop_daemons slurmd slurmctld
+stop_daemons slurmdbd
+stop_daemons mariadbd munged
 
 # --- 3. leftovers -----------------------------------------------------------------------------
 ours() { # the pids of processes that belong to this cluster (not this script or its callers)
-  local self=$BASHPID ancestors=" " pid=$$ environ
+  local self=$BASHPID ancestors=" " pid=$$ comm
   while [ "$pid" -gt 1 ]; do
     ancestors+="$pid "
     pid="$(awk '/^PPid:/ { print $2 }' "/proc/$pid/status" 2>/dev/null)" || break
@@ -79,12 +90,11 @@ ours() { # the pids of processes that belong to this cluster (not this script or
     pid=${proc#/proc/}
     [[ "$ancestors" == *" $pid "* ]] && continue
     [ "$pid" = "$self" ] && continue
-    environ="$(tr '\0' '\n' 2>/dev/null <"$proc/environ")" || continue
-    if grep -qxF "CAPSNET_SLURM_DAEMON=$DIR" <<<"$environ" ||
-      { grep -q '^SLURM_JOB_ID=' <<<"$environ" && grep -qxF "SLURM_CONF=$SLURM_CONF" <<<"$environ"; }; then
+    if grep -qszxF "CAPSNET_SLURM_DAEMON=$DIR" "$proc/environ" ||
+      { grep -qszxF "SLURM_CONF=$SLURM_CONF" "$proc/environ" && grep -qsz '^SLURM_JOB_ID=' "$proc/environ"; }; then
       echo "$pid"
     # slurmstepd starts with an empty environment: it is ours when it writes to our slurmd.log
-    elif [ "$(basename "$(readlink "$proc/exe" 2>/dev/null)" -wlm)" = slurmstepd ] &&
+    elif read -r comm 2>/dev/null <"$proc/comm" && [ "$comm" = slurmstepd ] &&
       find "$proc/fd" -lname "$DIR/log/slurmd.log" 2>/dev/null | grep -q .; then
       echo "$pid"
     fi
