@@ -311,3 +311,65 @@ class KillSelfAt(L.Callback):
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class JobRecord(L.Callback):
+    """Writes ``<path>/<job>-<restart>-<pid>.json`` for a run under a scheduler: the job's ids,
+    the GPU it was given (``CUDA_VISIBLE_DEVICES``, ``SLURM_JOB_GPUS``), how often SLURM has
+    restarted it, whether the run resumed from a checkpoint, the last step trained, and
+    wall-clock times from the callback's creation (as the run builds its trainer) to the end
+    of the test (``end`` is null when the run was stopped first)."""
+
+    KEYS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_GPUS", "CUDA_VISIBLE_DEVICES")
+
+    def __init__(self, path: str) -> None:
+        import os
+        import time
+
+        self.path = Path(path)
+        self.record: dict[str, Any] = {key.lower(): os.environ.get(key) for key in self.KEYS}
+        self.record.update(
+            restart_count=int(os.environ.get("SLURM_RESTART_COUNT", "0")), pid=os.getpid(), start=time.time(), end=None
+        )
+        job = self.record["slurm_job_id"] or "local"
+        self.file = self.path / f"{job}-{self.record['restart_count']}-{os.getpid()}.json"
+        self._write()
+
+    def _write(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.file.write_text(json.dumps(self.record))
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.record["resumed"] = trainer.ckpt_path is not None
+        self._write()
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.record["last_step"] = trainer.global_step
+        self._write()
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import time
+
+        self.record["end"] = time.time()
+        self._write()
+
+
+class SlowUntilResumed(L.Callback):
+    """Sleeps ``seconds`` before every training step after the first, in a run that did not
+    resume from a checkpoint: such a run outlasts a short time limit (with a checkpoint
+    already written when ``checkpoint.every_n_steps=1``), and the attempt that resumes after
+    the requeue trains at full speed.  An attempt cut before its first checkpoint starts
+    afresh, and so slowly, again."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.slow = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.slow = trainer.ckpt_path is None
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        import time
+
+        if self.slow and trainer.global_step >= 1:
+            time.sleep(self.seconds)
