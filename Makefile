@@ -18,7 +18,7 @@ WANDB ?=
 DETACH ?=
 
 REPORT_DIRS ?= $(addprefix multirun/,$(EXPERIMENTS))
-.PHONY: install train test test-engines test-slow test-gpu lint format bench reproduce-table reproduce-cifar10 report clean
+.PHONY: install train test test-engines slurm-start slurm-stop test-slow test-gpu lint format bench reproduce-table reproduce-cifar10 report clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,9 +48,18 @@ format: install
 	$(VENV)/bin/ruff check --fix src tests bench
 	$(VENV)/bin/ruff format src tests bench
 
-# The real engines: a Ray head (scripts/ray/) and a single-node SLURM cluster (scripts/slurm/).
+# The real engines: a Ray head (scripts/ray/) and a single-node SLURM cluster (scripts/slurm/,
+# root; installs Debian's slurm packages when missing).  The tests start and stop both themselves
+# (a cluster already running with SLURM_CONF set is used and left running).
+SLURM_DIR ?= /tmp/capsnet-slurm
 test-engines: install
-	$(PY) -m pytest -q -m engines -rP
+	CAPSNET_SLURM_DIR=$(SLURM_DIR) $(PY) -m pytest -q -m engines -rP
+
+slurm-start:
+	scripts/slurm/start.sh $(SLURM_DIR)
+
+slurm-stop:
+	scripts/slurm/stop.sh $(SLURM_DIR)
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
