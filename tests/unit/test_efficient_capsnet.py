@@ -109,6 +109,18 @@ def test_primary_capsule_n_is_channels_8n_to_8n_plus_8() -> None:
     torch.testing.assert_close(primary(features), expected)
 
 
+def test_primary_capsules_follow_keras_channels_last_order() -> None:
+    """On a 2×2 map Keras' Reshape reads (h, w, f) row-major: capsule (h·W + w)·F/D + f/D."""
+    model = EfficientCapsNet(reconstruction=False, primary_kernel=8)  # 9×9 → 2×2×128: 64 capsules
+    assert model.num_primary_capsules == 64
+    features = torch.randn(2, 128, 9, 9)
+    out = model.primary_caps.conv(features)  # (2, 128, 2, 2)
+    capsules = model.primary_caps(features)
+    for h, w, group in [(0, 0, 0), (0, 1, 0), (1, 0, 3), (1, 1, 15)]:
+        n = (h * 2 + w) * 16 + group
+        torch.testing.assert_close(capsules[:, n], efficient_squash(out[:, 8 * group : 8 * group + 8, h, w]))
+
+
 def test_reconstruction_masks_label_or_longest(model64: EfficientCapsNet) -> None:
     model = model64
     x = torch.rand(3, 1, 28, 28, dtype=torch.float64)
