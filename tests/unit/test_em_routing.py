@@ -276,6 +276,17 @@ def _betas(parents: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
+def test_official_groups_are_the_children_only_at_stride_one() -> None:
+    """The official E-step groups kernel entries (o, u) by o + u; the child is at s·o + u."""
+    for stride, same in ((1, True), (2, False)):
+        geometry = ConvGeometry(in_types=2, in_size=(7, 7), kernel=3, stride=stride)
+        child = geometry.child_index.reshape(-1).tolist()
+        group = geometry.official_group.reshape(-1).tolist()
+        partition_by_child = {frozenset(e for e, c in enumerate(child) if c == x) for x in set(child)}
+        partition_by_group = {frozenset(e for e, g in enumerate(group) if g == x) for x in set(group)}
+        assert (partition_by_child == partition_by_group) is same
+
+
 # ---- the oracles against the batched implementation ---------------------------------------
 @pytest.mark.parametrize("iterations", [1, 2, 3, 5])
 def test_fully_connected_matches_official_loops(iterations: int) -> None:

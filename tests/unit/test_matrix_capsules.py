@@ -39,11 +39,11 @@ def hand_count(a: int, b: int, c: int, d: int, channels: int = 2, classes: int =
 
 
 def test_parameter_count_against_the_paper() -> None:
-    # A = B = C = D = 32: 1,632 + 17,408 + 147,520 + 147,520 + 2,570 = 316,650; the paper: "about 310K"
+    # A = B = C = D = 32: 1,632 + 17,408 + 147,520 + 147,520 + 2,570 = 316,650; the paper: about 310K
     assert hand_count(32, 32, 32, 32) == 1_632 + 17_408 + 147_520 + 147_520 + 2_570 == 316_650
     assert count(MatrixCapsulesEM(input_size=32, in_channels=2, num_classes=5)) == 316_650
     assert abs(316_650 - 310_000) / 310_000 < 0.025
-    # the paper's smaller network, A = 64, B = 8, C = D = 16: "68K"
+    # the paper's smaller network, A = 64, B = 8, C = D = 16: 68K
     small = MatrixCapsulesEM(conv_channels=64, primary_types=8, caps_types=(16, 16))
     assert count(small) == hand_count(64, 8, 16, 16) == 3_264 + 8_704 + 18_464 + 36_896 + 1_290 == 68_618
     assert abs(68_618 - 68_000) / 68_000 < 0.01

@@ -1,5 +1,5 @@
 """smallNORB novel-viewpoint splits ("Matrix capsules with EM routing", Hinton, Sabour,
-Frosst, ICLR 2018, §6 "generalization to novel viewpoints"): train on a third of the
+Frosst, ICLR 2018, the generalisation-to-novel-viewpoints experiment): train on a third of the
 viewpoints, test on the rest.
 
 The ``-info.mat`` files give, per stereo pair, four int32 values (the NYU dataset page):
@@ -17,10 +17,11 @@ Each split holds every (category, instance, elevation, azimuth, lighting) once:
                pairs at the other 12 azimuths, 60° … 280° (16,200 pairs).
     elevation  train on the 3 lowest elevations, 30°, 35°, 40° (info 0, 1, 2: 8,100
                pairs); test on the 6 higher ones, 45° … 70° (16,200 pairs).
-The paper trains "on one third of the training data" and tests "on two thirds of the
-test data"; the six azimuths are those of the self-routing paper's code (coder3000/SR-CapsNet
-``norb.py``: ``train_anno = [0, 2, 4, 34, 32, 30]``, elevations ``[0, 1, 2]``), which is
-also the only set of six consecutive 20° steps centred on 0° and 20° that makes a third.
+The split sizes follow the paper's description as recalled here (its text was not at hand):
+training on a third of the training data, testing on two thirds of the test data.  A third
+of 18 azimuths is six: 300° … 40°, the set the self-routing paper's code uses too
+(coder3000/SR-CapsNet ``norb.py``: ``train_anno = [0, 2, 4, 34, 32, 30]``, elevations
+``[0, 1, 2]``).  Five azimuths, 300° … 20°, would train on 6,750 pairs (5/18).
 ``train_degrees`` replaces the training viewpoints (in degrees of the split's axis).
 
 For a novel-viewpoint split the test loaders are ``test`` (the novel viewpoints: the

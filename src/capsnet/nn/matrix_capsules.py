@@ -1,5 +1,5 @@
 """The smallNORB network of "Matrix capsules with EM routing" (Hinton, Sabour, Frosst,
-ICLR 2018, §5 and Figure 1), as pure torch.
+ICLR 2018: its architecture section and Figure 1), as pure torch.
 
     ReLU conv 5×5, stride 2, A channels
     → primary capsules: B types of (4×4 pose, activation), a 1×1 convolution
@@ -8,9 +8,9 @@ ICLR 2018, §5 and Figure 1), as pure torch.
     → class capsules: one per class, transformation matrices shared over positions,
       coordinate addition, EM routing.
 
-The paper's network has A = B = C = D = 32 ("about 310K" parameters; 316,650 here on
+The paper's network has A = B = C = D = 32 (about 310K parameters, the paper says; 316,650 here on
 stereo pairs, counted in tests/unit/test_matrix_capsules.py) and a smaller one with
-A = 64, B = 8, C = D = 16 ("68K"; 68,618 here).  A 32×32 input gives 14×14 primary
+A = 64, B = 8, C = D = 16 (68K; 68,618 here).  A 32×32 input gives 14×14 primary
 capsules, 6×6 and 4×4 convolutional capsules and 4·4·D = 512 children of the class capsules.
 
 Where the paper is silent the official code (google-research/google-research

@@ -1,11 +1,11 @@
 """Spread loss and its margin schedule ("Matrix capsules with EM routing", Hinton, Sabour,
-Frosst, ICLR 2018, §3.1).
+Frosst, ICLR 2018, the spread-loss subsection).
 
     L = Σ_{i ≠ t} max(0, m − (a_t − a_i))²
 
 for the target class t and class activations a: every wrong class is pushed at least m
 below the target.  The paper starts the margin at 0.2 and increases it linearly to 0.9
-during training, "to avoid dead capsules in the earlier layers", without saying over how
+during training, to avoid dead capsules in the earlier layers, without saying over how
 many steps (``spread_margin``: ``ramp_steps`` must be chosen).  The official code
 (google-research/google-research ``capsule_em/layers.py``, ``optimizer`` and
 ``order_loss``) uses a sigmoid schedule instead, 0.2 + 0.79·sigmoid(min(10, step/50000 − 4))

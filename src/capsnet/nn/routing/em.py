@@ -30,24 +30,28 @@ Numerical traps and the remedies used here (tests: tests/unit/test_em_routing.py
     collapse onto one child after a few iterations): log σ² = −∞ and (V − μ)² / σ² = 0/0.
     Remedy: the official additive floor σ² = min_var + … (never a clamp, so the gradient
     keeps flowing), and log σ² is used directly (no sqrt, no product of D densities).
-  * all of a child's a_j p_j underflow to 0 (D = 16 Gaussian densities in linear space):
-    Σ_j a_j p_j = 0 and R = 0/0 — the NaN that ports hit at 3+ iterations, once the
-    variances have shrunk.  Remedy: the E-step stays in log space (log a_j = logsigmoid,
-    log p_ij as above) and is normalised by a max-shifted log-sum-exp.
+  * the D = 16 dimensional Gaussian density in linear space: once the variances have
+    shrunk (~1e-5 after two iterations on agreeing votes), Π_h 2πσ²_h underflows in
+    float32, the normaliser 1/sqrt(Π_h 2πσ²_h) is inf and R = inf/inf; or every a_j p_j of
+    a child underflows and R = 0/0 — the NaN that ports hit at 3+ iterations.  Remedy: the
+    E-step stays in log space (log a_j = logsigmoid, Σ_h log σ²_h, log p_ij as above) and
+    is normalised by a max-shifted log-sum-exp.
   * m_j = 0 (every child inactive): μ = 0/0.  Remedy: ε_mass (official: 1e-5 in the class
     layer, 1e-7 in the convolutional layers).
 
 Normalisation of the E-step in a convolutional layer (``ConvGeometry``):
   * ``"paper"``: each child's R sums to 1 over every parent whose kernel covers it (all
-    parent types at all those positions), as Procedure 1 and §3 of the paper describe; the
-    first M-step uses R = 1 / (number of such parents).
+    parent types at all those positions), as Procedure 1 and the paper's account of
+    convolutional capsules describe; the first M-step uses R = 1 / (number of such parents).
   * ``"official"``: what ``update_conv_routing`` computes: each child's R is normalised
     separately for every parent type, over the positions whose kernels cover it, via a
     padded, dilated ``extract_image_patches``; that trick groups kernel entries (o, u) by
     o + u, which is the child's position only at stride 1 (at stride 2 it groups entries
     of different children).  Exponentials are shifted by their maximum over positions and
-    kernel offsets per (example, child type, parent type) and the sum gets + 1e-7.  The
-    first M-step uses R = 1 / J (a softmax of zeros over parent types).
+    kernel offsets per (example, child type, parent type) and the sum gets + 1e-7, so a
+    group whose shifted exponentials sum to S gets R summing to S / (S + 1e-7): 1 for the
+    group holding the block's maximum, down to ~0 for groups far below it (kept here, and
+    tested).  The first M-step uses R = 1 / J (a softmax of zeros over parent types).
   In a fully connected layer both are the softmax over the J parents.
 
 Shapes (one layout for both kinds of layer): the parents sit at N positions (N = 1 when
@@ -253,11 +257,12 @@ def em_routing(
         # ---- M-step --------------------------------------------------------------------
         vote_conf = posterior * a_in  # [B, N, C, J]
         masses = vote_conf.sum(dim=2, keepdim=True) + mass_eps  # [B, N, 1, J]
-        weights = (vote_conf / masses).unsqueeze(-1)  # [B, N, C, J, 1]
-        mean = (weights * votes).sum(dim=2, keepdim=True)  # [B, N, 1, J, D]
+        weights = vote_conf / masses  # [B, N, C, J]
+        # Weighted sums over the window as contractions (no [B, N, C, J, D] product kept)
+        mean = torch.einsum("bncj,bncjd->bnjd", weights, votes).unsqueeze(2)  # [B, N, 1, J, D]
         center = (1.0 - center_momentum) * mean + center_momentum * center
         noise = (votes - center).pow(2)  # [B, N, C, J, D]
-        variance = min_var + (weights * noise).sum(dim=2, keepdim=True)  # [B, N, 1, J, D]
+        variance = min_var + torch.einsum("bncj,bncjd->bnjd", weights, noise).unsqueeze(2)  # [B, N, 1, J, D]
         log_var = variance.log()
         mass = masses.squeeze(2)  # [B, N, J]
         sum_log_var = log_var.sum(dim=-1).squeeze(2)  # [B, N, J]
@@ -272,7 +277,7 @@ def em_routing(
         log_p = (
             F.logsigmoid(logit).unsqueeze(2)
             - 0.5 * (dim * LOG_2PI + sum_log_var).unsqueeze(2)
-            - (noise / (2.0 * variance)).sum(dim=-1)
+            - torch.einsum("bncjd,bnjd->bncj", noise, 0.5 / variance.squeeze(2))
         )  # [B, N, C, J]
         if not conv:
             posterior = torch.softmax(log_p, dim=-1)
