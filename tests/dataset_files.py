@@ -4,6 +4,7 @@ checked against."""
 
 from __future__ import annotations
 
+import itertools
 import pickle
 from pathlib import Path
 
@@ -61,8 +62,27 @@ def _norb_matrix(path: Path, array: np.ndarray) -> None:
     path.write_bytes(header + np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes())
 
 
-def write_smallnorb(root: Path, train: int = 40, test: int = 20, seed: int = 0) -> dict[str, tuple[np.ndarray, ...]]:
-    """The six smallNORB files (gunzipped) with ``train`` and ``test`` stereo pairs."""
+SMALLNORB_INSTANCES = {True: (4, 6, 7, 8, 9), False: (0, 1, 2, 3, 5)}  # training / test set
+
+
+def smallnorb_info(count: int, train: bool, seed: int = 0) -> np.ndarray:
+    """``count`` rows of a real -info.mat, int32 [count, 4]: (instance, elevation 0..8,
+    azimuth 0, 2, .., 34, lighting 0..5), drawn without repetition from the split's full
+    design of 5 categories x 5 instances x 9 elevations x 18 azimuths x 6 lightings (the
+    category is not in the info file; 24,300 rows: all of it)."""
+    design = np.array(
+        list(itertools.product(range(5), SMALLNORB_INSTANCES[train], range(9), range(0, 36, 2), range(6))),
+        dtype=np.int32,
+    )
+    return design[np.random.default_rng(seed).permutation(len(design))[:count], 1:]
+
+
+def write_smallnorb(
+    root: Path, train: int = 40, test: int = 20, seed: int = 0, viewpoints: bool = False
+) -> dict[str, tuple[np.ndarray, ...]]:
+    """The six smallNORB files (gunzipped) with ``train`` and ``test`` stereo pairs.
+    ``viewpoints``: -info.mat rows with real instance/elevation/azimuth/lighting values
+    (``smallnorb_info``) instead of random integers 0..8."""
     folder = root / "smallNORB"
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -74,6 +94,8 @@ def write_smallnorb(root: Path, train: int = 40, test: int = 20, seed: int = 0) 
         dat = rng.integers(0, 256, size=(count, 2, 96, 96), dtype=np.uint8)
         cat = (np.arange(count) % 5).astype(np.int32)
         info = rng.integers(0, 9, size=(count, 4)).astype(np.int32)
+        if viewpoints:
+            info = smallnorb_info(count, train=prefix.endswith("training"), seed=seed)
         for kind, array in (("dat", dat), ("cat", cat), ("info", info)):
             _norb_matrix(folder / f"{prefix}-{kind}.mat", array)
         written[prefix] = (dat, cat, info)
