@@ -77,7 +77,7 @@ reproduce-table: install
 	@if [ -n "$(LAUNCHER)" ] && [ "$(origin PROFILE)" = "file" ]; then \
 	  echo "reproduce-table: with LAUNCHER=$(LAUNCHER) name the profile: PROFILE=fast or PROFILE=paper" >&2; exit 2; fi
 	@echo "reproduce-table: profile=$(PROFILE), experiments: $(EXPERIMENTS)"
-	$(PY) -m capsnet.reproduce --profile $(PROFILE) --experiments $(EXPERIMENTS) \
+	$(PY) -m capsnet.run.reproduce --profile $(PROFILE) --experiments $(EXPERIMENTS) \
 	  $(if $(LAUNCHER),--launcher $(LAUNCHER)) --jobs-per-gpu $(JOBS_PER_GPU) $(if $(WANDB),--wandb) \
 	  $(if $(DETACH),--detach) -- $(ARGS)
 
@@ -86,11 +86,11 @@ reproduce-cifar10: install
 	$(PY) src/train.py experiment=cifar10 profile=$(PROFILE) \
 	  $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) $(if $(filter ray_gpus,$(LAUNCHER)),hydra.launcher.jobs_per_gpu=$(JOBS_PER_GPU)) $(ARGS)
 	$(PY) src/eval.py data=cifar10 "ckpt_path='multirun/cifar10/*/checkpoints/best.ckpt'" hydra.run.dir=multirun/cifar10/ensemble figures=false
-	$(PY) -m capsnet.table multirun/cifar10 --out results/cifar10 --profile $(PROFILE)
+	$(PY) -m capsnet.reporting.table multirun/cifar10 --out results/cifar10 --profile $(PROFILE)
 
 # results/REPORT.md: the table, learning curves and the best runs' figures, from REPORT_DIRS.
 report: install
-	$(PY) -m capsnet.table $(REPORT_DIRS) --out results --profile $(PROFILE) --report
+	$(PY) -m capsnet.reporting.table $(REPORT_DIRS) --out results --profile $(PROFILE) --report
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from capsnet.models import CapsNet
+from capsnet.nn.models import CapsNet
 
 
 def plain_squash(s: Tensor) -> Tensor:

@@ -28,8 +28,8 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from capsnet.losses import margin_loss, reconstruction_loss
-from capsnet.models import CapsNet
+from capsnet.nn.losses import margin_loss, reconstruction_loss
+from capsnet.nn.models import CapsNet
 from plain_capsnet import PlainCapsNet, copy_weights
 
 

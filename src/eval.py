@@ -6,9 +6,9 @@ import hydra
 from omegaconf import DictConfig
 
 from capsnet.data.mnist import DataError
-from capsnet.evaluation import CheckpointError, evaluate
-from capsnet.rundir import DamagedFileError, RunDirBusyError
-from capsnet.schema import ConfigError
+from capsnet.run.evaluation import CheckpointError, evaluate
+from capsnet.run.rundir import DamagedFileError, RunDirBusyError
+from capsnet.run.validation import ConfigError
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")

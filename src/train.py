@@ -12,9 +12,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from capsnet.signals import Interrupted
-from capsnet.sweep import in_sweep, record_job_outcome, runs_in_driver
-from capsnet.training import REFUSALS, RecordWriteError, run
+from capsnet.run.signals import Interrupted
+from capsnet.run.sweep import in_sweep, record_job_outcome, runs_in_driver
+from capsnet.run.training import REFUSALS, RecordWriteError, run
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -153,9 +153,9 @@ class KillInCheckpointWrite(L.Callback):
             return
         import io
 
-        import capsnet.rundir
+        import capsnet.run.rundir
 
-        original = capsnet.rundir.atomic_write
+        original = capsnet.run.rundir.atomic_write
 
         def half_then_die(path: Any, write: Any) -> Any:
             if not str(path).endswith(".ckpt"):
@@ -163,41 +163,41 @@ class KillInCheckpointWrite(L.Callback):
             buffer = io.BytesIO()
             write(buffer)
             data = buffer.getvalue()
-            with capsnet.rundir.temp_path(Path(path)).open("wb") as handle:
+            with capsnet.run.rundir.temp_path(Path(path)).open("wb") as handle:
                 handle.write(data[: len(data) // 2])
                 handle.flush()
                 _die()
             return None
 
-        capsnet.rundir.atomic_write = half_then_die
+        capsnet.run.rundir.atomic_write = half_then_die
 
 
 class KillInFigures(L.Callback):
     """The process is SIGKILLed while the run draws its figures (after test)."""
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        import capsnet.training
+        import capsnet.run.training
 
         def die(*args: Any, **kwargs: Any) -> None:
             _die()
 
-        capsnet.training.write_run_figures = die
+        capsnet.run.training.write_run_figures = die
 
 
 class KillInRecordWrite(L.Callback):
     """The process is SIGKILLed while it writes the completed record (metrics.json)."""
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        import capsnet.run_record
+        import capsnet.run.record
 
-        original = capsnet.run_record.atomic_write_json
+        original = capsnet.run.record.atomic_write_json
 
         def maybe_die(path: Any, record: dict[str, Any]) -> Any:
             if record.get("status") == "completed":
                 _die()
             return original(path, record)
 
-        capsnet.run_record.atomic_write_json = maybe_die
+        capsnet.run.record.atomic_write_json = maybe_die
 
 
 class SignalSelfAt(L.Callback):

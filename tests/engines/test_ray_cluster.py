@@ -191,7 +191,7 @@ def test_the_readme_cluster_command_fills_the_driver_sweep_dir(ray_head: Head, m
         assert len({job["pid"] for job in seen}) == 2
 
         table = subprocess.run(
-            [sys.executable, "-m", "capsnet.table", relative, "--out", str(tmp_path / "results")],
+            [sys.executable, "-m", "capsnet.reporting.table", relative, "--out", str(tmp_path / "results")],
             cwd=ROOT,
             env=_driver_env(ray_head),
             capture_output=True,

@@ -204,7 +204,7 @@ def test_sweep_runs_one_job_per_gpu_and_every_run_reaches_the_table(
 
     # The table finds every run.
     table = subprocess.run(
-        [sys.executable, "-m", "capsnet.table", str(sweep_dir), "--out", str(tmp_path / "table")],
+        [sys.executable, "-m", "capsnet.reporting.table", str(sweep_dir), "--out", str(tmp_path / "table")],
         cwd=ROOT,
         env=_env(),
         capture_output=True,

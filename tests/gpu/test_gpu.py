@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from capsnet.routing import dynamic_routing
-from capsnet.training import run
+from capsnet.nn.routing.dynamic import dynamic_routing
+from capsnet.run.training import run
 from conftest import run_cli
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -18,10 +18,10 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from capsnet.models import count_parameters
-from capsnet.schema import ConfigError
-from capsnet.signature import _flatten
-from capsnet.training import run
+from capsnet.nn.models import count_parameters
+from capsnet.run.validation import ConfigError
+from capsnet.run.signature import _flatten
+from capsnet.run.training import run
 from conftest import CONF, ROOT, run_cli
 from wandb_log import run_config, run_tags, wait_for_bytes
 
@@ -76,7 +76,7 @@ def test_every_logger_records_the_resolved_config_and_wandb_follows_a_resume(
         make_cfg(*args, "+callbacks.crash._target_=apps.probes.FailAt", "+callbacks.crash.step=3", output_dir=run_dir)
     )
     assert crashed["status"] == "failed"
-    watch = ["+callbacks.watch._target_=capsnet.tracking.WatchModel", "+callbacks.watch.log_freq=1"]
+    watch = ["+callbacks.watch._target_=capsnet.run.tracking.WatchModel", "+callbacks.watch.log_freq=1"]
     resumed = run(make_cfg(*args, *watch, output_dir=run_dir))
     assert resumed["status"] == "completed" and resumed["resumed_from"].endswith("last.ckpt")
     assert resumed["tags"] == ["study_a", "v2"]
@@ -129,7 +129,7 @@ def test_wandb_decides_online_or_offline_by_its_own_rules(setup: str, online: bo
         env["WANDB_MODE"] = "offline"
         env["WANDB_API_KEY"] = key
     code = (
-        "from capsnet.tracking import wandb_offline, wandb_has_credentials\n"
+        "from capsnet.run.tracking import wandb_offline, wandb_has_credentials\n"
         "print(wandb_offline(None), wandb_has_credentials())"
     )
     result = subprocess.run(
@@ -258,7 +258,7 @@ def test_a_model_is_one_class_and_one_yaml(make_cfg, tmp_path: Path) -> None:
     assert record["status"] == "completed" and record["model"] == "tiny_cnn" and record["routing_iters"] is None
 
     cfg = make_cfg(searchpath, "model=capsnet_small")
-    from capsnet.module import build_model
+    from capsnet.run.module import build_model
 
     net = build_model(dict(cfg.model), image_size=28, in_channels=1, num_classes=10, task="single")
     # Independent count: conv1 1->32 9x9; primary 32->4*8 9x9; W: 4*6*6 capsules x 8x16 per class; decoder.
@@ -276,7 +276,7 @@ def test_a_model_is_one_class_and_one_yaml(make_cfg, tmp_path: Path) -> None:
 def test_wandb_ids_follow_the_run_dir_and_artifacts_need_wandb_online(tmp_path: Path) -> None:
     from omegaconf import OmegaConf
 
-    from capsnet.tracking import wandb_arguments
+    from capsnet.run.tracking import wandb_arguments
 
     node = OmegaConf.create({"_target_": "WandbLogger", "offline": True, "log_model": True, "tags": ["capsnet"]})
     with pytest.raises(ConfigError, match=r"logger\.wandb\.log_model"):

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from capsnet.rundir import SUPERSEDED_DIR, DamagedFileError, load_checkpoint_file
-from capsnet.table import main as table_main
-from capsnet.training import run
+from capsnet.run.rundir import SUPERSEDED_DIR, DamagedFileError, load_checkpoint_file
+from capsnet.reporting.table import main as table_main
+from capsnet.run.training import run
 from conftest import run_cli
 
 SMALL = [

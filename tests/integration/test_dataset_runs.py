@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from capsnet.training import run
+from capsnet.run.training import run
 
 TINY = ("trainer.limit_train_batches=2", "data.batch_size=8", "data.val_subset=32", "data.test_subset=32")
 

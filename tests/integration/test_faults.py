@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from capsnet.rundir import DIGEST_KEY, LOCK_FILE, TMP_MARK, load_checkpoint_file
+from capsnet.run.rundir import DIGEST_KEY, LOCK_FILE, TMP_MARK, load_checkpoint_file
 from conftest import ROOT
 
 SHM = Path("/dev/shm")

@@ -11,16 +11,16 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from capsnet.builders import build_datamodule
+from capsnet.run.builders import build_datamodule
 from capsnet.data.cifar10 import CIFAR10DataModule
 from capsnet.data.mnist import DataError
 from capsnet.data.smallnorb import SmallNORBDataModule
 from capsnet.data.svhn import SVHNDataModule
 from capsnet.data.transforms import center_crop, random_crop, random_flip, standardize
-from capsnet.evaluation import evaluate
-from capsnet.models import count_parameters
-from capsnet.module import build_model
-from capsnet.training import run
+from capsnet.run.evaluation import evaluate
+from capsnet.nn.models import count_parameters
+from capsnet.run.module import build_model
+from capsnet.run.training import run
 from dataset_files import write_cifar10, write_smallnorb, write_svhn
 
 SMALL = ["data.batch_size=8", "data.eval_batch_size=16", "trainer.limit_train_batches=2", "figures=true"]
@@ -256,7 +256,7 @@ def test_an_ensemble_averages_capsule_lengths(make_cfg, tmp_path: Path) -> None:
     datamodule = build_datamodule(cfg)
     datamodule.setup()
     images, labels = datamodule.place(datamodule.test_set[0]), datamodule.test_set[1]
-    from capsnet.evaluation import load_checkpoint
+    from capsnet.run.evaluation import load_checkpoint
 
     scores = []
     for path in record["checkpoints"]:

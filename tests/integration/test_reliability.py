@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from capsnet.data.mnist import MNIST_SHA256, DataError, verify_mnist
-from capsnet.evaluation import CheckpointError, load_checkpoint
-from capsnet.module import CapsNetModule
-from capsnet.schema import ConfigError
-from capsnet.training import run
+from capsnet.run.evaluation import CheckpointError, load_checkpoint
+from capsnet.run.module import CapsNetModule
+from capsnet.run.validation import ConfigError
+from capsnet.run.training import run
 from conftest import ROOT, run_cli
 
 BAD_VALUES = [
@@ -30,7 +30,7 @@ BAD_VALUES = [
     ("data.batch_size=-5", "data.batch_size"),
     ("optim.lr=-0.001", "optim.lr"),
     ("optim.lr=0", "optim.lr"),
-    ("model._target_=capsnet.models.ResNet", "model._target_"),
+    ("model._target_=capsnet.nn.models.ResNet", "model._target_"),
     ("data._target_=capsnet.data.cifar.Nope", "data._target_"),
     ("trainer.precision=16-true", "trainer.precision"),
     ("perf.compile=fastest", "perf.compile"),
@@ -78,7 +78,7 @@ def test_bad_value_fails_before_work_naming_the_key(override: str, key: str, mak
     ("override", "key"),
     [
         BAD_VALUES[0],
-        ("model._target_=capsnet.models.ResNet", "model._target_"),
+        ("model._target_=capsnet.nn.models.ResNet", "model._target_"),
         ("optim.lr=nan", "optim.lr"),
         ("data.val_size=60000", "data.val_size"),
         ("experiment_name=''", "experiment_name"),

@@ -14,8 +14,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from capsnet.signature import ResumeMismatchError
-from capsnet.training import build_trainer, run
+from capsnet.run.signature import ResumeMismatchError
+from capsnet.run.training import build_trainer, run
 from conftest import CONF, run_cli
 
 SMALL = [
@@ -167,7 +167,7 @@ def test_under_slurm_submitit_alone_requeues(make_cfg, monkeypatch) -> None:
 
 
 def test_history_is_kept_by_a_crash_and_a_resume_never_lists_an_epoch_twice(make_cfg, tmp_path: Path) -> None:
-    from capsnet.history import read_history
+    from capsnet.run.history import read_history
 
     args = [
         "trainer.max_epochs=3",

@@ -12,7 +12,7 @@ import torch
 
 from capsnet.data.mnist import MNISTDataModule
 from capsnet.data.multimnist import MultiMNISTDataModule
-from capsnet.training import run
+from capsnet.run.training import run
 from conftest import run_cli
 from dataset_files import write_cifar10
 from sync_audit import AUDIT, SyncAudit
@@ -192,8 +192,8 @@ def test_every_trainer_precision_trains(make_cfg, tmp_path: Path, precision: str
 
 
 def test_matmul_precision_and_compile_mode_settings(make_cfg, tmp_path: Path) -> None:
-    from capsnet.schema import ConfigError
-    from capsnet.training import apply_matmul_precision
+    from capsnet.run.validation import ConfigError
+    from capsnet.run.training import apply_matmul_precision
 
     try:
         apply_matmul_precision("high")

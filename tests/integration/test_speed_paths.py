@@ -9,8 +9,8 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from capsnet.losses import margin_loss, reconstruction_loss
-from capsnet.module import CapsNetModule
+from capsnet.nn.losses import margin_loss, reconstruction_loss
+from capsnet.run.module import CapsNetModule
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))

@@ -8,7 +8,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from capsnet.table import build_table, load_records, to_markdown
+from capsnet.reporting.table import build_table, load_records, to_markdown
 from conftest import CONF, run_cli
 from wandb_log import wait_for_bytes
 
@@ -95,7 +95,7 @@ def test_smoke_table1_sweep_builds_the_table(tmp_path: Path, mnist_dir: Path) ->
 
 
 def test_table_logged_to_wandb_offline(monkeypatch, tmp_path: Path) -> None:
-    from capsnet.table import main
+    from capsnet.reporting.table import main
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from capsnet.training import run
+from capsnet.run.training import run
 from conftest import run_cli
 
 

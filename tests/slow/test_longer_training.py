@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from capsnet.training import run
+from capsnet.run.training import run
 
 
 @pytest.mark.slow

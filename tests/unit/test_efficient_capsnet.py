@@ -1,5 +1,5 @@
 """Efficient-CapsNet (Mazzia et al. 2021): the paper's parameter count, counted by hand from
-the official graph, and the model's contract (the same as capsnet.models.CapsNet's).
+the official graph, and the model's contract (the same as capsnet.nn.models.CapsNet's).
 
 Architecture: repository EscVM/Efficient-CapsNet, ``models/efficient_capsnet_graph_mnist.py``
 (``efficient_capsnet_graph``, ``generator_graph``) and ``utils/layers.py`` (``PrimaryCaps``,
@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from capsnet.models import CapsNetOutput, count_parameters
+from capsnet.nn.models import CapsNetOutput, count_parameters
 from capsnet.nn.efficient_capsnet import EfficientCapsNet
 from capsnet.nn.routing.self_attention import SelfAttentionRouting
 from capsnet.nn.routing.squash import efficient_squash

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from capsnet.figures import (
+from capsnet.reporting.figures import (
     PERTURBATIONS,
     dimension_perturbation,
     overlay_reconstructions,
@@ -14,7 +14,7 @@ from capsnet.figures import (
     routing_convergence,
     write_run_figures,
 )
-from capsnet.models import CapsNet
+from capsnet.nn.models import CapsNet
 
 
 def test_perturbation_steps() -> None:

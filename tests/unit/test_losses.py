@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from capsnet.losses import margin_loss, reconstruction_loss
+from capsnet.nn.losses import margin_loss, reconstruction_loss
 
 LENGTHS = torch.tensor([[0.95, 0.2, 0.05], [0.5, 0.7, 0.0]])
 

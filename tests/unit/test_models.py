@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from capsnet.models import BaselineCNN, CapsNet, MultiMNISTBaselineCNN, count_parameters
+from capsnet.nn.models import BaselineCNN, CapsNet, MultiMNISTBaselineCNN, count_parameters
 
 
 @pytest.mark.parametrize(
@@ -102,7 +102,7 @@ def test_capsnet_runs_in_a_pure_precision(dtype: torch.dtype) -> None:
 
 
 def test_digit_caps_gradients_in_float64_pass_gradcheck() -> None:
-    from capsnet.layers import DigitCaps
+    from capsnet.nn.layers import DigitCaps
 
     torch.manual_seed(0)
     layer = DigitCaps(in_capsules=6, in_dim=4, out_capsules=3, out_dim=5, routing_iterations=3, bias=True).double()

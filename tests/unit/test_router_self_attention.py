@@ -30,7 +30,7 @@ from capsnet.nn.routing.squash import efficient_squash
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 OFFICIAL_EPS = 10e-21  # utils/layers.py, Squash(eps=10e-21)
-HINTON_EPS = 1e-8  # capsnet.routing.SQUASH_EPS
+HINTON_EPS = 1e-8  # capsnet.nn.routing.dynamic.SQUASH_EPS
 TOL = 1e-12  # achieved on these inputs: max |difference| <= 1.3e-15 (float64 rounding)
 
 

@@ -24,10 +24,10 @@ from omegaconf import OmegaConf
 
 from capsnet.nn.routing.base import Router
 from capsnet.nn.routing.uniform import UniformRouting
-from capsnet.routing import dynamic_routing
+from capsnet.nn.routing.dynamic import dynamic_routing
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-HINTON_EPS = 1e-8  # capsnet.routing.SQUASH_EPS
+HINTON_EPS = 1e-8  # capsnet.nn.routing.dynamic.SQUASH_EPS
 TOL = 1e-12  # achieved on these inputs: max |difference| <= 3e-16 (float64 rounding)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from capsnet.routing import capsule_lengths, dynamic_routing, squash
+from capsnet.nn.routing.dynamic import capsule_lengths, dynamic_routing, squash
 
 
 def reference_routing(u_hat: np.ndarray, iterations: int, leaky: bool = False) -> tuple[np.ndarray, np.ndarray]:

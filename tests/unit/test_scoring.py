@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from capsnet.module import top_k_error
+from capsnet.run.module import top_k_error
 
 
 def test_single_label_error() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from capsnet.table import build_table, load_records, main, to_markdown
+from capsnet.reporting.table import build_table, load_records, main, to_markdown
 
 
 def _write(root: Path, name: str, **record) -> None:
@@ -91,7 +91,7 @@ def test_failed_runs_listed_and_profile_in_title(tmp_path: Path) -> None:
     markdown = to_markdown(build_table(load_records([_sweep(tmp_path)]), profile="fast"))
     assert markdown.startswith("# Table 1 — test error % (profile: fast)")
     assert "not** a reproduction" in markdown
-    assert "## Failed runs" in markdown and "r5_nan" in markdown and "non-finite loss at step 7" in markdown
+    assert "## Runs not in the table (not completed)" in markdown and "r5_nan` (failed)" in markdown and "non-finite loss at step 7" in markdown
     assert "baseline_skip" not in markdown
 
 
@@ -176,7 +176,7 @@ def test_two_configurations_in_one_row_are_shown_apart_never_averaged(tmp_path: 
 
 
 def test_other_datasets_section_shows_single_models_ensembles_and_the_paper() -> None:
-    from capsnet.table import build_table, to_markdown
+    from capsnet.reporting.table import build_table, to_markdown
 
     signature = {"data.name": "cifar10", "model.name": "capsnet_cifar10", "seed": 0}
     runs = [

@@ -23,8 +23,8 @@ Keras's trainable count of ``efficient_capsnet_graph``, the decoder being a sepa
 ``Generator`` model); the decoder adds 1,411,344 (1,573,168 in all).  Batch norm's running
 statistics (576 numbers on MNIST) are buffers here, non-trainable weights in Keras.
 
-Pure torch.  (``CapsNetOutput`` and ``capsule_lengths`` come from ``capsnet.models`` /
-``capsnet.routing`` until those move under ``capsnet.nn``.)
+Pure torch.  (``CapsNetOutput`` and ``capsule_lengths`` come from ``capsnet.nn.models`` /
+``capsnet.nn.routing.dynamic`` until those move under ``capsnet.nn``.)
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from capsnet.models import CapsNetOutput
+from capsnet.nn.models import CapsNetOutput
 from capsnet.nn.routing.base import Routed, Router
 from capsnet.nn.routing.self_attention import SelfAttentionRouting
 from capsnet.nn.routing.squash import squash_fn
-from capsnet.routing import capsule_lengths
+from capsnet.nn.routing.dynamic import capsule_lengths
 
 # Keras' truncated normal initialisers (he_normal, glorot_normal) draw from N(0, σ) cut at
 # ±2σ with σ = sqrt(scale / fan) / 0.87962566103423978, the std of a unit normal cut at ±2.
@@ -128,7 +128,7 @@ class EfficientCapsNet(nn.Module):
     """Convs with batch norm → depthwise primary caps → FC caps with self-attention routing
     → optional decoder.  161,824 parameters on MNIST without the decoder (see the module doc).
 
-    Same interface as :class:`capsnet.models.CapsNet`: ``forward(x, y=None)`` returns
+    Same interface as :class:`capsnet.nn.models.CapsNet`: ``forward(x, y=None)`` returns
     ``CapsNetOutput(lengths, poses, reconstructions)``; ``encode(x)`` returns
     ``(poses, couplings)``; ``reconstruct(poses, labels)``; ``decoder`` is None without
     reconstruction.

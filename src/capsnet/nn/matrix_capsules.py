@@ -53,7 +53,7 @@ COORDINATE_ATOMS = {"official": (1, 0), "paper": (3, 7)}  # where (row, column) 
 
 
 class MatrixCapsulesOutput(NamedTuple):
-    """What MatrixCapsulesEM returns (the fields of capsnet.models.CapsNetOutput).
+    """What MatrixCapsulesEM returns (the fields of capsnet.nn.models.CapsNetOutput).
 
     Attributes:
         lengths: [B, K] the class capsules' activations, the class scores.

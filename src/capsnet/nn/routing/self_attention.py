@@ -37,7 +37,7 @@ class SelfAttentionRouting(Router):
     Args:
         in_caps, out_caps, in_dim, out_dim: see :class:`Router`; the priors are [in_caps, out_caps].
         squash: ``"efficient"`` (default, the official code's) or ``"hinton"`` (Eq. 1 of
-            Sabour et al., the project's :func:`capsnet.routing.squash`).
+            Sabour et al., the project's :func:`capsnet.nn.routing.dynamic.squash`).
         priors: learn the log priors B (default, official); ``False`` drops them, and the
             couplings are then a softmax over the parents.
 

@@ -1,7 +1,7 @@
 """The squash non-linearities the routers can end with, chosen by name.
 
 ``"hinton"``: Eq. 1 of Sabour et al. (2017), ``|s|^2 / (1 + |s|^2) · s / |s|`` (the project's
-:func:`capsnet.routing.squash`, ε inside the square root).
+:func:`capsnet.nn.routing.dynamic.squash`, ε inside the square root).
 
 ``"efficient"``: Efficient-CapsNet's squash (Mazzia et al. 2021), ``(1 - e^{-|s|}) · s / |s|``,
 as the official code writes it in ``utils/layers.py`` (class ``Squash``, repository
@@ -9,7 +9,7 @@ EscVM/Efficient-CapsNet): ``(1 - 1/(exp(n) + eps)) * s / (n + eps)`` with ``n = 
 ``eps = 10e-21``.  Here the guard sits inside the square root instead (see
 :func:`efficient_squash`), which keeps the gradient finite at ``s = 0``.
 
-Pure torch.  (``capsnet.routing`` is imported for Eq. 1 until it moves under ``capsnet.nn``.)
+Pure torch.  (``capsnet.nn.routing.dynamic`` is imported for Eq. 1 until it moves under ``capsnet.nn``.)
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from capsnet.routing import squash as hinton_squash
+from capsnet.nn.routing.dynamic import squash as hinton_squash
 
 SQUASHES = ("hinton", "efficient")
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import lightning as L
 
-from capsnet.rundir import DamagedFileError, atomic_write_text
+from capsnet.run.rundir import DamagedFileError, atomic_write_text
 
 HISTORY_FILE = "history.csv"
 FIRST_COLUMNS = ["epoch", "step", "val_error", "val_loss", "train_error", "train_loss"]

@@ -9,7 +9,7 @@ import rich.syntax
 import rich.tree
 from omegaconf import DictConfig, OmegaConf
 
-from capsnet.run_record import resolved_config
+from capsnet.run.record import resolved_config
 
 CONFIG_TREE_FILE = "config_tree.log"
 # The groups a reader looks for first; the rest follow in config order.

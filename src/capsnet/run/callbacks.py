@@ -15,8 +15,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 
-from capsnet.rundir import LAST, DamagedFileError, load_checkpoint_file
-from capsnet.signals import Interrupted, SignalCatcher
+from capsnet.run.rundir import LAST, DamagedFileError, load_checkpoint_file
+from capsnet.run.signals import Interrupted, SignalCatcher
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class LastCheckpoint(Checkpoint):
     run it again), which lost the epoch's score and history row.  A kill during validation
     therefore resumes from the step before and validates again.
 
-    On a stop signal (:mod:`capsnet.signals`) the run stops at the next such point, after
+    On a stop signal (:mod:`capsnet.run.signals`) the run stops at the next such point, after
     saving there; during validation or test it stops at the next batch.
     """
 

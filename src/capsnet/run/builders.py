@@ -12,7 +12,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from capsnet.module import CapsNetModule
+from capsnet.run.module import CapsNetModule
 
 # Keys of a data config that describe the dataset rather than configure its class.
 DATA_RECORD_KEYS = ("name", "lr_decay_steps")

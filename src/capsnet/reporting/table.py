@@ -1,11 +1,11 @@
 """Aggregate run dirs into the paper's Table 1 (Markdown + CSV), ours beside the paper's.
 
-Reads only ``metrics.json`` files: ``python -m capsnet.table multirun/table1 --out results``.
+Reads only ``metrics.json`` files: ``python -m capsnet.reporting.table multirun/table1 --out results``.
 Errors are fractions in the files and percentages in the table; each cell is the mean ±
 sample standard deviation over seeds, with the number of seeds.
 
 A cell holds one configuration: runs are grouped by their whole recorded signature except
-the seed (capsnet.signature), so two sweeps with another ``optim.lr`` or precision in one
+the seed (capsnet.run.signature), so two sweeps with another ``optim.lr`` or precision in one
 tree appear as separate rows, labelled with what differs, and are never averaged together.
 A seed that appears twice in a cell is counted once and flagged.
 """
@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capsnet.curves import write_curves
-from capsnet.run_record import METRICS_FILE, RECORD_WAY_OUT
-from capsnet.rundir import SUPERSEDED_DIR, DamagedFileError, atomic_write_text, read_json
-from capsnet.signature import configuration
+from capsnet.reporting.curves import write_curves
+from capsnet.run.record import METRICS_FILE, RECORD_WAY_OUT
+from capsnet.run.rundir import SUPERSEDED_DIR, DamagedFileError, atomic_write_text, read_json
+from capsnet.run.signature import configuration
 
 # Table 1 of Sabour et al. (2017), test error % (mean ± std over 3 trials where given).
 PAPER_MNIST: dict[tuple[str, int | None, bool | None], str] = {
@@ -432,12 +432,12 @@ def main(argv: list[str] | None = None) -> None:
     print(md.read_text())
     print(f"wrote {md}, {csv_path} and {len(curves)} curve PNG(s) from {table['n_runs']} completed runs")
     if args.report:
-        from capsnet.report import write_report
+        from capsnet.reporting.report import write_report
 
         report = write_report(md.read_text(), curves, records, cell_runs(table), args.out)
         print(f"wrote {report}")
     if args.wandb:
-        from capsnet.tracking import log_table_to_wandb
+        from capsnet.run.tracking import log_table_to_wandb
 
         columns, rows = table_rows(table)
         log_table_to_wandb(

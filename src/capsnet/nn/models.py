@@ -6,8 +6,8 @@ from typing import NamedTuple
 
 from torch import Tensor, nn
 
-from capsnet.layers import Decoder, DigitCaps, PrimaryCaps
-from capsnet.routing import capsule_lengths
+from capsnet.nn.layers import Decoder, DigitCaps, PrimaryCaps
+from capsnet.nn.routing.dynamic import capsule_lengths
 
 
 class CapsNetOutput(NamedTuple):
@@ -32,7 +32,7 @@ class CapsNet(nn.Module):
     8D digit capsules).
 
     Every capsnet model takes ``input_size``, ``in_channels``, ``num_classes`` and ``task``
-    from the data (see capsnet.module.build_model); CapsNet reads single- and multi-label
+    from the data (see capsnet.run.module.build_model); CapsNet reads single- and multi-label
     tasks alike from capsule lengths, so ``task`` changes nothing here.
     """
 

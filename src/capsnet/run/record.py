@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from capsnet.rundir import atomic_write_json, atomic_write_text, read_json
+from capsnet.run.rundir import atomic_write_json, atomic_write_text, read_json
 
 METRICS_FILE = "metrics.json"
 RESOLVED_CONFIG_FILE = "config_resolved.yaml"
@@ -65,5 +65,5 @@ RECORD_WAY_OUT = (
 
 def read_metrics(run_dir: Path) -> dict[str, Any] | None:
     """The run's record, or None when there is none; a damaged one raises
-    :class:`~capsnet.rundir.DamagedFileError` naming the file and the way out."""
+    :class:`~capsnet.run.rundir.DamagedFileError` naming the file and the way out."""
     return read_json(Path(run_dir) / METRICS_FILE, RECORD_WAY_OUT)

@@ -12,9 +12,9 @@ import torchmetrics
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
-from capsnet.losses import as_multi_hot, margin_loss, reconstruction_loss
-from capsnet.models import CapsNet
-from capsnet.routing import capsule_lengths
+from capsnet.nn.losses import as_multi_hot, margin_loss, reconstruction_loss
+from capsnet.nn.models import CapsNet
+from capsnet.nn.routing.dynamic import capsule_lengths
 
 TASKS = ("single", "multi")
 RUN_SIGNATURE_KEY = "capsnet_run_signature"
@@ -25,7 +25,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 # Checkpoints written before models were named by ``_target_`` carry only ``name``.
-LEGACY_TARGETS = {"capsnet": "capsnet.models.CapsNet", "baseline": "capsnet.models.paper_baseline"}
+LEGACY_TARGETS = {"capsnet": "capsnet.nn.models.CapsNet", "baseline": "capsnet.nn.models.paper_baseline"}
 RECORD_ONLY_KEYS = ("name",)  # in the model config for records and the table, not for the class
 
 
@@ -98,7 +98,7 @@ class CapsNetModule(L.LightningModule):
         compile: bool | str = False,
     ) -> None:
         super().__init__()
-        # logger=False: loggers get the whole resolved run config instead (capsnet.tracking);
+        # logger=False: loggers get the whole resolved run config instead (capsnet.run.tracking);
         # Lightning's own logging of these arguments would overwrite its top-level keys.
         self.save_hyperparameters(logger=False)
         assert data["task"] in TASKS, f"task must be one of {TASKS}, got {data['task']!r}"
@@ -120,7 +120,7 @@ class CapsNetModule(L.LightningModule):
             {stage: torchmetrics.SumMetric(nan_strategy="disable") for stage in ("val", "test")}
         )
         self.extra_errors = nn.ModuleDict()  # extra test sets, e.g. affNIST
-        self.run_signature: dict[str, Any] | None = None  # set by capsnet.training, saved in checkpoints
+        self.run_signature: dict[str, Any] | None = None  # set by capsnet.run.training, saved in checkpoints
 
     def forward(self, x: Tensor) -> Tensor:
         """Class scores: capsule lengths for CapsNet, logits for the CNNs."""

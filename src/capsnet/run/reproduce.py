@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]  # the checkout: src/capsnet/run/reproduce.py
 LAUNCHERS = ("ray_gpus", "slurm")
 PROFILES_NEEDING_A_LAUNCHER_CHOICE = ("fast", "paper")
 
@@ -66,7 +66,7 @@ def start_local_ray(base: Path) -> tuple[str, dict[str, str]]:
 
 
 def sweep_outcomes(experiment: str, since: float) -> list[dict]:
-    from capsnet.sweep import read_outcomes
+    from capsnet.run.sweep import read_outcomes
 
     return read_outcomes(Path("multirun") / experiment, since=since)
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         rest = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--detach"]
         with log.open("w") as handle:
             process = subprocess.Popen(
-                [sys.executable, "-m", "capsnet.reproduce", *rest],
+                [sys.executable, "-m", "capsnet.run.reproduce", *rest],
                 stdout=handle,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # survives the end of the login session
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(["bash", str(ROOT / "scripts" / "ray" / "stop_head.sh"), str(ray_base)], check=False)
             shutil.rmtree(ray_base, ignore_errors=True)
 
-    table = [sys.executable, "-m", "capsnet.table", *[str(Path("multirun") / e) for e in args.experiments]]
+    table = [sys.executable, "-m", "capsnet.reporting.table", *[str(Path("multirun") / e) for e in args.experiments]]
     table += ["--out", str(args.out), "--profile", args.profile] + (["--wandb"] if args.wandb else [])
     built = subprocess.run(table, env=env, check=False).returncode
     not_done = {

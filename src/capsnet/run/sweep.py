@@ -24,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from capsnet.rundir import atomic_write_json
+from capsnet.run.rundir import atomic_write_json
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from capsnet.run_record import resolved_config
-from capsnet.rundir import atomic_write_text
-from capsnet.schema import ConfigError
+from capsnet.run.record import resolved_config
+from capsnet.run.rundir import atomic_write_text
+from capsnet.run.validation import ConfigError
 
 WANDB_ID_FILE = "wandb_run_id"
 

@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
-from capsnet.history import read_history
+from capsnet.run.history import read_history
 
 DATASET_TITLES = {"mnist": "MNIST", "multimnist": "MultiMNIST", "affnist_expanded": "expanded MNIST (affNIST protocol)"}
 

@@ -6,7 +6,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from capsnet.routing import dynamic_routing, squash
+from capsnet.nn.routing.dynamic import dynamic_routing, squash
 
 
 class PrimaryCaps(nn.Module):

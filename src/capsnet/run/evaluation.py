@@ -13,13 +13,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from capsnet.builders import build_datamodule, data_info
-from capsnet.figures import write_run_figures
-from capsnet.module import CapsNetModule, error_metric, top_k_error
-from capsnet.run_record import METRICS_FILE, RECORD_WAY_OUT, git_commit, write_metrics
-from capsnet.rundir import DamagedFileError, RunDir, load_checkpoint_file, read_json
-from capsnet.schema import validate_eval_config
-from capsnet.training import collect_test_metrics
+from capsnet.run.builders import build_datamodule, data_info
+from capsnet.reporting.figures import write_run_figures
+from capsnet.run.module import CapsNetModule, error_metric, top_k_error
+from capsnet.run.record import METRICS_FILE, RECORD_WAY_OUT, git_commit, write_metrics
+from capsnet.run.rundir import DamagedFileError, RunDir, load_checkpoint_file, read_json
+from capsnet.run.validation import validate_eval_config
+from capsnet.run.training import collect_test_metrics
 
 
 class CheckpointError(ValueError):
@@ -103,7 +103,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test ``cfg.ckpt_path`` on ``cfg.data`` (several checkpoints: as an ensemble); write
     metrics.json in the eval run dir.
 
-    The eval dir is owned like a training run dir (:class:`~capsnet.rundir.RunDir`): locked,
+    The eval dir is owned like a training run dir (:class:`~capsnet.run.rundir.RunDir`): locked,
     and never a training run's: a dir holding a training record is refused; an earlier
     evaluation's files there are moved to ``superseded/``.
     """

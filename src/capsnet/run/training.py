@@ -3,7 +3,7 @@
 A job is idempotent: its run dir is a pure function of its command line, so running the
 same command again skips a completed job and resumes an unfinished one from last.ckpt.
 Everything that decides the result is checked against what the dir already holds before
-any training starts (see capsnet.signature).
+any training starts (see capsnet.run.signature).
 """
 
 from __future__ import annotations
@@ -28,16 +28,16 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 from torch import Tensor
 
-from capsnet.builders import build_datamodule, build_module
-from capsnet.callbacks import LastCheckpoint
-from capsnet.config_tree import print_config_tree
+from capsnet.run.builders import build_datamodule, build_module
+from capsnet.run.callbacks import LastCheckpoint
+from capsnet.run.config_tree import print_config_tree
 from capsnet.data.mnist import DataError
-from capsnet.figures import write_run_figures
-from capsnet.history import EpochHistory, read_history, summarize
-from capsnet.models import count_parameters
-from capsnet.module import RUN_SIGNATURE_KEY
-from capsnet.run_record import git_commit, read_metrics, resolved_config, save_resolved_config, write_metrics
-from capsnet.rundir import (
+from capsnet.reporting.figures import write_run_figures
+from capsnet.run.history import EpochHistory, read_history, summarize
+from capsnet.nn.models import count_parameters
+from capsnet.run.module import RUN_SIGNATURE_KEY
+from capsnet.run.record import git_commit, read_metrics, resolved_config, save_resolved_config, write_metrics
+from capsnet.run.rundir import (
     PREVIOUS_LAST,
     AtomicCheckpointIO,
     DamagedFileError,
@@ -46,10 +46,10 @@ from capsnet.rundir import (
     checkpoint_way_out,
     load_checkpoint_file,
 )
-from capsnet.schema import ConfigError, check_data_sizes, validate_config
-from capsnet.signals import Interrupted, SignalCatcher, catching_signals
-from capsnet.signature import SCHEDULE_LENGTH_KEYS, ResumeMismatchError, differences, run_signature
-from capsnet.tracking import StepLog, build_loggers, finish_wandb, start_loggers
+from capsnet.run.validation import ConfigError, check_data_sizes, validate_config
+from capsnet.run.signals import Interrupted, SignalCatcher, catching_signals
+from capsnet.run.signature import SCHEDULE_LENGTH_KEYS, ResumeMismatchError, differences, run_signature
+from capsnet.run.tracking import StepLog, build_loggers, finish_wandb, start_loggers
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def build_trainer(
     """The Trainer of ``cfg.trainer`` with the ``callbacks`` and ``logger`` groups, plus what
     every capsnet run has: EpochHistory (history.csv), LastCheckpoint (last.ckpt at the
     points a resume can start from; the stop on a signal) and checkpoints written atomically
-    in the run dir (:class:`~capsnet.rundir.AtomicCheckpointIO`).  Returns it with the
+    in the run dir (:class:`~capsnet.run.rundir.AtomicCheckpointIO`).  Returns it with the
     best-checkpoint callback.
 
     Under SLURM, submitit owns requeueing (``hydra.launcher.max_num_timeout``); Lightning's
@@ -279,7 +279,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and test one configuration; return (and write) its metrics.json record.
 
     Raises one of ``REFUSALS`` before any work (nothing trained, nothing of the run
-    written), or :class:`~capsnet.signals.Interrupted` after recording the stop.
+    written), or :class:`~capsnet.run.signals.Interrupted` after recording the stop.
     """
     owner = RunDir(cfg.paths.output_dir, job_log=job_log_name())
     run_dir, ckpt_dir = owner.path, owner.path / CHECKPOINT_DIR

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
-from capsnet.models import CapsNet
-from capsnet.routing import dynamic_routing
+from capsnet.nn.models import CapsNet
+from capsnet.nn.routing.dynamic import dynamic_routing
 
 PERTURBATIONS = torch.arange(-0.25, 0.25 + 1e-9, 0.05)  # 11 steps, §5.1 / Fig. 4
 
