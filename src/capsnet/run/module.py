@@ -26,6 +26,8 @@ class NonFiniteLossError(RuntimeError):
 
 # Checkpoints written before models were named by ``_target_`` carry only ``name``.
 LEGACY_TARGETS = {"capsnet": "capsnet.nn.models.CapsNet", "baseline": "capsnet.nn.models.paper_baseline"}
+# Checkpoints written before capsnet's subpackages name the flat module paths.
+LEGACY_MODULES = {"capsnet.models.": "capsnet.nn.models."}
 RECORD_ONLY_KEYS = ("name",)  # in the model config for records and the table, not for the class
 
 
@@ -39,6 +41,9 @@ def build_model(model: dict[str, Any], *, image_size: int, in_channels: int, num
     """
     kwargs = {k: v for k, v in model.items() if k not in RECORD_ONLY_KEYS}
     kwargs.setdefault("_target_", LEGACY_TARGETS.get(model.get("name", "")))
+    for old, new in LEGACY_MODULES.items():
+        if isinstance(kwargs["_target_"], str) and kwargs["_target_"].startswith(old):
+            kwargs["_target_"] = new + kwargs["_target_"].removeprefix(old)
     if kwargs["_target_"] is None:
         raise ValueError(f"model config has no _target_ (name={model.get('name')!r}): name the model's class")
     return instantiate(
