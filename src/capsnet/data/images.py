@@ -1,21 +1,22 @@
-"""The base of the §7 datasets (CIFAR-10, SVHN, smallNORB): files checked, images held as
-uint8 [N, C, H, W] on the training device, the paper's crops, flips and jitter done in
+"""Photographs and renderings (CIFAR-10, SVHN, smallNORB, your own images): files checked,
+images held as uint8 [N, C, H, W] on the training device, crops, flips and jitter done in
 batch there.
 
 A subclass names its files (``expected_files``: relative path → checksum or None), reads a
-split (``read``, which MNISTDataModule.setup calls) and, where torchvision can, downloads
-(``fetch``).  Everything else — the seeded validation split, the global-batch loaders,
-exact resume, DDP sharding — is MNISTDataModule's.
+split (``read``) and, where torchvision can, downloads (``fetch``).  Everything else — the
+seeded validation split, the global-batch loaders, exact resume, DDP sharding — is the
+base's (:class:`~capsnet.data.base.InMemoryDataModule`), shared with MNIST.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from capsnet.data.mnist import DataError, MNISTDataModule, file_digest
+from capsnet.data.base import DataError, InMemoryDataModule, file_digest
 from capsnet.data.transforms import (
     center_crop,
     random_brightness_contrast,
@@ -28,7 +29,7 @@ from capsnet.data.transforms import (
 CROPS = ("random", "center")
 
 
-class ImageDataModule(MNISTDataModule):
+class ImageDataModule(InMemoryDataModule):
     """Images with a train-time crop (``train_crop``: random, or center as at test), optional
     flips, brightness/contrast jitter and per-image standardisation.
 
@@ -44,6 +45,10 @@ class ImageDataModule(MNISTDataModule):
     """
 
     checksum_kind = "md5"
+    sample_titles: ClassVar[dict[str, str]] = {
+        "train_center": "training images, central crop (the test-time view; training crops are random)",
+        "test_images": "test images as the network sees them",
+    }
     source = ""  # where the files come from, for the missing-file message
     folder_name = ""  # the dataset's folder under the data root
 
@@ -60,7 +65,7 @@ class ImageDataModule(MNISTDataModule):
         download: bool = False,
         **kwargs: object,
     ) -> None:
-        super().__init__(max_shift=0, canvas_size=crop_size, **kwargs)  # type: ignore[arg-type]
+        super().__init__(**kwargs)  # type: ignore[arg-type]
         if train_crop not in CROPS:
             raise ValueError(f"data.train_crop must be one of {CROPS}, got {train_crop!r}")
         self.crop_size, self.train_crop, self.flip = crop_size, train_crop, flip
@@ -117,12 +122,12 @@ class ImageDataModule(MNISTDataModule):
         images = center_crop(to_float_images(images), self.crop_size)
         return standardize(images) if self.standardize else images
 
-    def on_after_batch_transfer(self, batch: tuple[Tensor, ...], dataloader_idx: int) -> tuple[Tensor, Tensor]:
-        images, labels, idx = batch
-        trainer = self.trainer
-        if trainer is None or not trainer.training:
-            return self.place(images), labels
-        keys = (self.seed, trainer.current_epoch, idx)
+    @property
+    def image_size(self) -> int:
+        return self.crop_size
+
+    def train_view(self, images: Tensor, idx: Tensor, epoch: int) -> Tensor:
+        keys = (self.seed, epoch, idx)
         images = to_float_images(images)
         if self.train_crop == "random":
             images = random_crop(images, self.crop_size, *keys)
@@ -132,7 +137,7 @@ class ImageDataModule(MNISTDataModule):
             images = random_flip(images, *keys)
         if self.brightness or self.contrast:
             images = random_brightness_contrast(images, self.brightness, self.contrast or (1.0, 1.0), *keys)
-        return (standardize(images) if self.standardize else images), labels
+        return standardize(images) if self.standardize else images
 
     def sample_batches(self, count: int = 32) -> dict[str, tuple[Tensor, ...]]:
         """Small CPU batches for figures, in the test-time view."""

@@ -7,9 +7,12 @@ generated in batch on whatever device the indices live on.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
+from capsnet.data.base import PaperRow
 from capsnet.data.loader import EvalBatches, TrainBatches
 from capsnet.data.mnist import MNISTDataModule
 from capsnet.data.transforms import center_on_canvas, hash_int, to_float_images, translate
@@ -100,6 +103,18 @@ class MultiMNISTDataModule(MNISTDataModule):
     """
 
     task = "multi"
+    title = "MultiMNIST"
+    record_fields: ClassVar[dict[str, str]] = {"multimnist_error": "test_error"}
+    headline_error = "multimnist_error"
+    paper: ClassVar[dict[str, dict[PaperRow, str]]] = {
+        "multimnist_error": {  # Table 1, MultiMNIST column
+            ("baseline", None, None): "8.1",
+            ("capsnet", 1, True): "7.5",
+            ("capsnet", 3, True): "5.2",
+        }
+    }
+    paper_source = "Sabour et al. 2017, Table 1"
+    sample_titles: ClassVar[dict[str, str]] = {"test": "MultiMNIST test composites"}
 
     def __init__(
         self,

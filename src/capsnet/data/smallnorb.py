@@ -5,12 +5,14 @@ random 32×32 crops in training and the central 32×32 patch at test."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from capsnet.data.base import PaperRow
 from capsnet.data.images import ImageDataModule
 from capsnet.data.mnist import DataError
 
@@ -53,6 +55,10 @@ class SmallNORBDataModule(ImageDataModule):
         channels: 2 for both stereo images as channels, 1 for the first camera only.
         resize: side the 96×96 images are reduced to once (area average), before cropping.
     """
+
+    title = "smallNORB"
+    paper: ClassVar[dict[str, dict[PaperRow, str]]] = {"test_error": {("capsnet", 3, True): "2.7"}}
+    paper_source = "Sabour et al. 2017, §7"
 
     num_classes = 5
     folder_name = FOLDER
