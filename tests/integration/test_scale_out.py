@@ -209,12 +209,24 @@ def test_matmul_precision_and_compile_mode_settings(make_cfg, tmp_path: Path) ->
     assert make_cfg("perf.compile=reduce-overhead").perf.compile == "reduce-overhead"
 
 
-def test_fast_profile_takes_bf16_only_on_a_gpu_with_bf16(make_cfg, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("gpu", "capability", "expected"),
+    [
+        ("V100", (7, 0), "32-true"),
+        ("T4", (7, 5), "32-true"),
+        ("A100", (8, 0), "bf16-mixed"),
+        ("H100", (9, 0), "bf16-mixed"),
+    ],
+)
+def test_fast_profile_takes_bf16_only_on_a_gpu_with_native_bf16(
+    make_cfg, monkeypatch, gpu: str, capability: tuple[int, int], expected: str
+) -> None:
+    """``torch.cuda.is_bf16_supported()`` is true on every one of these (V100 and T4 emulate
+    bf16); only compute capability >= 8.0 has it natively."""
     assert make_cfg("profile=fast").trainer.precision == "32-true"  # this machine: no GPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    assert make_cfg("profile=fast", "trainer=gpu").trainer.precision == "bf16-mixed"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args, **kwargs: capability)
+    assert make_cfg("profile=fast", "trainer=gpu").trainer.precision == expected, gpu
     assert make_cfg("profile=fast", "trainer=cpu").trainer.precision == "32-true"
     assert make_cfg("profile=paper", "trainer=gpu").trainer.precision == "32-true"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)  # e.g. a V100
-    assert make_cfg("profile=fast", "trainer=gpu").trainer.precision == "32-true"
