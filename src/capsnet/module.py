@@ -51,10 +51,49 @@ def build_model(model: dict[str, Any], *, image_size: int, in_channels: int, num
     )
 
 
+class Float32States:
+    """A torchmetrics mixin: the metric's states stay float32 under every trainer precision,
+    so counts are exact (to 2^24) and errors are exact fractions.
+
+    Lightning's pure precisions cast the whole LightningModule with ``module.to(dtype)``,
+    which torchmetrics applies to metric states too (it guards only ``.half()``,
+    ``.double()`` and the like), and a metric built inside a step under a pure precision
+    takes the step's default dtype: in bfloat16 (8 significant bits) 10,000 test examples
+    were counted as 10,112 and an epoch's counter stopped at 32,768.  Here a module-wide
+    cast moves the states to the new device and leaves their dtype alone; ``set_dtype``
+    remains the one deliberate way to change it.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.set_dtype(torch.float32)
+
+    def _apply(self, fn: Any, exclude_state: Any = "") -> nn.Module:
+        if self._dtype_convert:  # set_dtype
+            return super()._apply(fn, exclude_state)
+        dtype = self._dtype
+
+        def move_only(tensor: Tensor) -> Tensor:
+            return tensor.to(fn(tensor.new_empty(0)).device)
+
+        this = super()._apply(move_only, exclude_state)
+        this._dtype = dtype
+        return this
+
+
+class ExactMean(Float32States, torchmetrics.MeanMetric):
+    """MeanMetric with float32 states under every precision (see :class:`Float32States`)."""
+
+
+class ExactSum(Float32States, torchmetrics.SumMetric):
+    """SumMetric with float32 states under every precision (see :class:`Float32States`)."""
+
+
 def error_metric() -> torchmetrics.MeanMetric:
-    """Mean of per-example 0/1 errors.  Errors are never NaN, so the NaN check is off: its
-    ``bool(nans.any())`` would otherwise stall the GPU at every update."""
-    return torchmetrics.MeanMetric(nan_strategy="disable")
+    """Mean of per-example 0/1 errors, in float32 under every precision.  Errors are never
+    NaN, so the NaN check is off: its ``bool(nans.any())`` would otherwise stall the GPU at
+    every update."""
+    return ExactMean(nan_strategy="disable")
 
 
 def top_k_error(scores: Tensor, labels: Tensor) -> Tensor:
@@ -116,9 +155,7 @@ class CapsNetModule(L.LightningModule):
         self.channels_last, self.compile_net = channels_last, compile
         self.errors = nn.ModuleDict({f"{stage}_error": error_metric() for stage in ("train", "val", "test")})
         # Examples evaluated, summed over DDP ranks: proof that each counts exactly once.
-        self.examples = nn.ModuleDict(
-            {stage: torchmetrics.SumMetric(nan_strategy="disable") for stage in ("val", "test")}
-        )
+        self.examples = nn.ModuleDict({stage: ExactSum(nan_strategy="disable") for stage in ("val", "test")})
         self.extra_errors = nn.ModuleDict()  # extra test sets, e.g. affNIST
         self.run_signature: dict[str, Any] | None = None  # set by capsnet.training, saved in checkpoints
 

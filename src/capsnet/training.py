@@ -295,7 +295,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         record.update(collect_test_metrics(results, cfg.data.name))
         if cfg.figures and trainer.is_global_zero:
             source = f"weights of {best_path.name}" + (", lowest validation error" if best_path.stem == BEST else "")
-            record["figures"] = [p.name for p in _write_figures(module, datamodule, run_dir, trainer, source)]
+            try:
+                record["figures"] = [p.name for p in _write_figures(module, datamodule, run_dir, trainer, source)]
+            except Exception as error:  # pictures of a trained, tested run: never its status
+                log.exception("figures failed; the run is recorded without them")
+                record["figures_error"] = f"{type(error).__name__}: {error}"
         best_score = best.best_model_score if best is not None else None
         record.update(
             status="completed",
