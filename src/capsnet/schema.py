@@ -57,7 +57,22 @@ def fast_precision(accelerator: str) -> str:
     return "bf16-mixed" if native else "32-true"
 
 
+def trials_per_batch(launcher: str, jobs_per_gpu: int, declared_gpus: int | None = None) -> int:
+    """``hparams_search``'s trials launched together (``hydra.sweeper.n_jobs``): what the
+    launcher runs at once.  ``hydra/launcher=ray_gpus``: every GPU (Ray's declared
+    ``num_gpus`` when given, else those torch sees on this machine) times ``jobs_per_gpu``;
+    any other launcher (the basic one runs jobs one after another): 1."""
+    if not str(launcher).endswith("RayGpuLauncher"):
+        return 1
+    if declared_gpus is None:
+        import torch
+
+        declared_gpus = torch.cuda.device_count()
+    return max(1, int(declared_gpus)) * int(jobs_per_gpu)
+
+
 OmegaConf.register_new_resolver("capsnet.run_name", run_name, replace=True)
+OmegaConf.register_new_resolver("capsnet.trials_per_batch", trials_per_batch, replace=True)
 OmegaConf.register_new_resolver("capsnet.fast_precision", fast_precision, replace=True)
 OmegaConf.register_new_resolver("capsnet.sqlite_beside", sqlite_beside, replace=True)
 
