@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchmetrics
@@ -107,6 +108,11 @@ def top_k_error(scores: Tensor, labels: Tensor) -> Tensor:
     k = labels.shape[1]
     predicted = scores.topk(k, dim=1).indices.sort(dim=1).values
     return (predicted != labels.sort(dim=1).values).any(dim=1).float()
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A seed for ``rank``'s random stream, well mixed from (seed, rank)."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0])
 
 
 class CapsNetModule(L.LightningModule):
@@ -281,6 +287,17 @@ class CapsNetModule(L.LightningModule):
             add_dataloader_idx=False,
             metric_attribute=f"extra_errors.{name}",
         )
+
+    def on_fit_start(self) -> None:
+        """Under DDP, one random stream per rank: Lightning seeds every rank with the same
+        seed (``reset_seed`` when the process group starts), so every rank drew the same
+        dropout masks and a global batch had only batch/N distinct ones.  Each rank is
+        reseeded here with (seed, rank), after Lightning's reseed and before the first step;
+        a single process keeps its stream untouched.  The data's order, shifts and crops
+        come from their own seeded hashes, not from this stream, so they do not move."""
+        trainer = self.trainer
+        if trainer.world_size > 1:
+            torch.manual_seed(rank_seed(torch.initial_seed(), trainer.global_rank))
 
     def test_set_names(self) -> list[str]:
         """Names of the datamodule's test loaders; the first is the dataset's own test split."""

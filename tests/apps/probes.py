@@ -160,3 +160,42 @@ class ErrorCounts(L.Callback):
         row = {"counts": self.counts, "train_error": self.logged_train_error, "state_dtypes": self.state_dtypes}
         self.path.write_text(json.dumps(row, indent=1))
 
+
+class DropoutMasks(L.Callback):
+    """Appends, per training step, this rank's batch (labels, per-image pixel sums) and the
+    mask every ``nn.Dropout`` drew, to ``<path>/rank<r>.jsonl``.  A mask entry is 1 (kept),
+    0 (dropped) or -1 (unknown: the input was 0, so the output cannot tell)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.masks: list[list[list[int]]] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import torch
+
+        def record(module: torch.nn.Module, inputs: tuple, output: Any) -> None:
+            if module.training:
+                (given,) = inputs
+                mask = torch.where(given == 0, -1, (output != 0).long()).flatten(1)
+                self.masks.append(mask.tolist())
+
+        for module in pl_module.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.register_forward_hook(record)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self.masks = []
+        self.batch = {
+            "labels": batch[1].tolist(),
+            "pixel_sums": [round(float(s), 4) for s in batch[0].double().flatten(1).sum(dim=1)],
+        }
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        with (self.path / f"rank{trainer.global_rank}.jsonl").open("a") as handle:
+            row = {"step": trainer.global_step - 1, **self.batch, "masks": self.masks}
+            handle.write(json.dumps(row) + "\n")
