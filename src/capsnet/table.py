@@ -154,11 +154,13 @@ def _cell(records: list[dict[str, Any]], field_name: str) -> Cell:
 
 def build_table(records: list[dict[str, Any]], profile: str | None = None) -> dict[str, Any]:
     """Group completed runs into cells of one configuration each; list failed ones.
-    ``profile`` filters the training runs (ensemble records, written by src/eval.py, have none)."""
+    ``profile`` filters the training runs and the ensembles (src/eval.py records the
+    profile of an ensemble's members)."""
     ensembles = [r for r in records if r.get("kind") == "ensemble" and r.get("status") == "completed"]
     records = [r for r in records if r.get("kind") != "ensemble"]
     if profile is not None:
         records = [r for r in records if r.get("profile") == profile]
+        ensembles = [r for r in ensembles if r.get("profile") == profile]
     completed = [r for r in records if r.get("status") == "completed"]
     failed = [r for r in records if r.get("status") == "failed"]
     groups: dict[tuple[str, Row], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))

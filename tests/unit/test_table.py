@@ -202,9 +202,12 @@ def test_other_datasets_section_shows_single_models_ensembles_and_the_paper() ->
         "status": "completed",
         "test_error": 0.18,
         "member_test_errors": [0.20, 0.22],
-        "run_dir": "multirun/cifar10/ensemble",
+        "run_dir": "multirun/cifar10/ensemble_fast",
+        "profile": "fast",  # its members' (src/eval.py)
     }
-    table = build_table([*runs, ensemble], profile="fast")
+    smoke = {**ensemble, "profile": "smoke", "test_error": 0.5, "run_dir": "multirun/cifar10/ensemble_smoke"}
+    table = build_table([*runs, ensemble, smoke], profile="fast")
+    assert sum("ensemble" in row[1] for row in table["other"]) == 1  # another profile's ensemble is left out
     rows = {tuple(row[:2]): row for row in table["other"]}
     assert rows[("CIFAR-10", "capsnet_cifar10 r=3")][2] == "21.00 ± 1.41 (n=2)"
     assert rows[("CIFAR-10", "capsnet_cifar10 ensemble")][3] == "18.00 (ensemble of 2); members 20.00–22.00"
