@@ -85,7 +85,8 @@ reproduce-table: install
 reproduce-cifar10: install
 	$(PY) src/train.py experiment=cifar10 profile=$(PROFILE) \
 	  $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) $(if $(filter ray_gpus,$(LAUNCHER)),hydra.launcher.jobs_per_gpu=$(JOBS_PER_GPU)) $(ARGS)
-	$(PY) src/eval.py data=cifar10 "ckpt_path='multirun/cifar10/*/checkpoints/best.ckpt'" hydra.run.dir=multirun/cifar10/ensemble figures=false
+	$(PY) src/eval.py data=cifar10 "ckpt_path='multirun/cifar10/*/checkpoints/best.ckpt'" ensemble.profile=$(PROFILE) \
+	  hydra.run.dir=multirun/cifar10/ensemble_$(PROFILE) figures=false
 	$(PY) -m capsnet.reporting.table multirun/cifar10 --out results/cifar10 --profile $(PROFILE)
 
 # results/REPORT.md: the table, learning curves and the best runs' figures, from REPORT_DIRS.

@@ -19,9 +19,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from capsnet.nn.models import count_parameters
-from capsnet.run.validation import ConfigError
 from capsnet.run.signature import _flatten
 from capsnet.run.training import run
+from capsnet.run.validation import ConfigError
 from conftest import CONF, ROOT, run_cli
 from wandb_log import run_config, run_tags, wait_for_bytes
 
@@ -147,6 +147,53 @@ def test_wandb_decides_online_or_offline_by_its_own_rules(setup: str, online: bo
         assert offline == "False"
     else:
         assert (offline, has_key) == (str(not online), str(online))
+
+
+def test_logger_wandb_without_credentials_runs_offline(tmp_path: Path, mnist_dir: Path) -> None:
+    """The real command, as a user without a W&B account runs it: no WANDB_MODE, no key, a
+    fresh HOME, NETRC naming a missing file, nothing on stdin.  Both jobs of a sweep (one
+    process) train and test offline with no prompt; each leaves an offline W&B log that
+    holds its config.  It used to stop at wandb.init: UsageError: No API key configured."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "NETRC"}
+    env.update(
+        HOME=str(tmp_path / "home"),
+        NETRC=str(tmp_path / "home" / "no.netrc"),
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")])),
+    )
+    (tmp_path / "home").mkdir()
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "src" / "train.py"),
+            "-m",
+            "seed=0,1",
+            "profile=smoke",
+            "logger=wandb",
+            "trainer=cpu",
+            *TINY,
+            f"paths.data_dir={mnist_dir}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "API key" not in result.stdout + result.stderr
+    for seed in (0, 1):
+        (run_dir,) = sweep.glob(f"*seed={seed}*")
+        record = json.loads((run_dir / "metrics.json").read_text())
+        assert record["status"] == "completed", record.get("error")
+        (log_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+        wait_for_bytes(log_file, (b"val/error",))
+        assert run_config(log_file)["seed"] == seed and f"seed={seed}" in run_tags(log_file)
+    assert not (tmp_path / "home" / ".netrc").exists()  # nothing logged in on the user's behalf
 
 
 def test_debug_overfit_trains_on_the_same_batches_every_epoch(make_cfg, tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from capsnet.run.rundir import SUPERSEDED_DIR, DamagedFileError, load_checkpoint_file
 from capsnet.reporting.table import main as table_main
+from capsnet.run.rundir import SUPERSEDED_DIR, DamagedFileError, load_checkpoint_file
 from capsnet.run.training import run
 from conftest import run_cli
 

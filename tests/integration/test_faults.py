@@ -171,7 +171,7 @@ def test_a_kill_at_each_phase_then_the_same_command_ends_as_an_uninterrupted_run
     at_kill = _step(last)
     rerun = train(run_dir, tmpdir, mnist_dir)  # the same command, without the probe (not in the signature)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    got = check_invariants(run_dir, tmpdir, reference)
+    check_invariants(run_dir, tmpdir, reference)
     print(f"{phase}: killed with last.ckpt at step {at_kill}; the rerun resumed from there and matched")
 
 

@@ -4,6 +4,7 @@ paper's crops, the §7 models' parameter counts, smoke training, ensembles."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +12,14 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from capsnet.run.builders import build_datamodule
 from capsnet.data.cifar10 import CIFAR10DataModule
 from capsnet.data.mnist import DataError
 from capsnet.data.smallnorb import SmallNORBDataModule
 from capsnet.data.svhn import SVHNDataModule
 from capsnet.data.transforms import center_crop, random_crop, random_flip, standardize
-from capsnet.run.evaluation import evaluate
 from capsnet.nn.models import count_parameters
+from capsnet.run.builders import build_datamodule
+from capsnet.run.evaluation import evaluate
 from capsnet.run.module import build_model
 from capsnet.run.training import run
 from dataset_files import write_cifar10, write_smallnorb, write_svhn
@@ -270,3 +271,83 @@ def test_an_ensemble_averages_capsule_lengths(make_cfg, tmp_path: Path) -> None:
     assert json.loads((tmp_path / "ensemble" / "metrics.json").read_text())["test_error"] == pytest.approx(
         ensemble_error
     )
+
+
+def test_the_cifar10_ensemble_takes_completed_runs_of_one_configuration(make_cfg, tmp_path: Path) -> None:
+    """§7's headline number: the ensemble reads each member's run record; runs that failed or
+    never finished are left out and listed, runs of another configuration are refused until
+    the set is narrowed, and the record carries the members' profile and configuration, so
+    ``python -m capsnet.reporting.table --profile`` shows it beside its members."""
+    from capsnet.reporting.table import main as table_main
+    from capsnet.run.evaluation import CheckpointError
+    from capsnet.run.signature import configuration
+
+    write_cifar10(tmp_path / "data", per_class=3)
+    runs = tmp_path / "multirun" / "cifar10"
+    small = [
+        "data=cifar10",
+        "model=capsnet_cifar10",
+        "routing.leaky=true",
+        "model.conv1_channels=16",
+        "model.primary_types=4",
+        "data.verify_checksums=false",
+        "data.val_size=20",
+        "data.batch_size=8",
+        "data.eval_batch_size=16",
+        "data.train_subset=null",
+        "data.val_subset=null",
+        "data.test_subset=null",
+        "trainer.limit_train_batches=2",
+        "figures=false",
+    ]
+
+    def compose(name: str, *extra: str):
+        cfg = make_cfg(*small, *extra, output_dir=runs / name)
+        with open_dict(cfg):
+            cfg.paths.data_dir = str(tmp_path / "data")
+        return cfg
+
+    for seed in (0, 1):
+        assert run(compose(f"profile=smoke,seed={seed}", f"seed={seed}"))["status"] == "completed"
+    # failed in its second epoch: a best.ckpt from the first, and no result
+    crash = ["trainer.max_epochs=2", "+callbacks.crash._target_=apps.probes.FailAt", "+callbacks.crash.step=3"]
+    assert run(compose("profile=smoke,seed=2", "seed=2", *crash))["status"] == "failed"
+    # killed while training: checkpoints, and no run record yet
+    shutil.copytree(runs / "profile=smoke,seed=0" / "checkpoints", runs / "profile=smoke,seed=3" / "checkpoints")
+    # completed, of another configuration
+    assert run(compose("optim.lr=0.002,profile=smoke,seed=4", "seed=4", "optim.lr=0.002"))["status"] == "completed"
+    assert len(list(runs.glob("*/checkpoints/best.ckpt"))) == 5
+
+    every = compose("ensemble_all")
+    every.ckpt_path = str(runs / "*" / "checkpoints" / "best.ckpt")  # the Makefile's glob
+    with pytest.raises(
+        CheckpointError, match=r"2 configurations .*optim\.lr: 0\.00[12] -> 0\.00[12].*narrow ckpt_path"
+    ):
+        evaluate(every)
+    assert not (runs / "ensemble_all").exists()
+    with open_dict(every):
+        every.ensemble = {"profile": "fast"}
+    with pytest.raises(CheckpointError, match=r"no checkpoint of a completed run.*profile 'smoke', not 'fast'"):
+        evaluate(every)
+
+    narrowed = compose("ensemble_smoke")
+    narrowed.ckpt_path = str(runs / "profile=smoke,seed=*" / "checkpoints" / "best.ckpt")
+    record = evaluate(narrowed)
+    assert record["ensemble_size"] == 2 and record["member_seeds"] == [0, 1]
+    assert [Path(p).parent.parent.name for p in record["checkpoints"]] == [
+        "profile=smoke,seed=0",
+        "profile=smoke,seed=1",
+    ]
+    excluded = {Path(e["checkpoint"]).parent.parent.name: e["reason"] for e in record["excluded"]}
+    assert excluded.keys() == {"profile=smoke,seed=2", "profile=smoke,seed=3"}
+    assert "'failed', not completed" in excluded["profile=smoke,seed=2"]
+    assert "no run record" in excluded["profile=smoke,seed=3"]
+    member = json.loads((runs / "profile=smoke,seed=0" / "metrics.json").read_text())
+    assert record["profile"] == "smoke" and record["configuration"] == configuration(member["signature"])
+
+    table_main([str(runs), "--out", str(tmp_path / "results"), "--profile", "smoke"])
+    rows = [line for line in (tmp_path / "results" / "table1.md").read_text().splitlines() if "CIFAR-10" in line]
+    (ensemble_row,) = [row for row in rows if "capsnet_cifar10 ensemble" in row]
+    assert f"{100 * record['test_error']:.2f} (ensemble of 2)" in ensemble_row
+    table_main([str(runs), "--out", str(tmp_path / "other"), "--profile", "fast"])
+    assert "capsnet_cifar10 ensemble" not in (tmp_path / "other" / "table1.md").read_text()

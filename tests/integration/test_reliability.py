@@ -18,8 +18,8 @@ import torch
 from capsnet.data.mnist import MNIST_SHA256, DataError, verify_mnist
 from capsnet.run.evaluation import CheckpointError, load_checkpoint
 from capsnet.run.module import CapsNetModule
-from capsnet.run.validation import ConfigError
 from capsnet.run.training import run
+from capsnet.run.validation import ConfigError
 from conftest import ROOT, run_cli
 
 BAD_VALUES = [

@@ -10,8 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from capsnet.data.loader import TrainBatches
 from capsnet.data.mnist import MNISTDataModule
 from capsnet.data.multimnist import MultiMNISTDataModule
+from capsnet.data.transforms import random_shift
 from capsnet.run.training import run
 from conftest import run_cli
 from dataset_files import write_cifar10
@@ -139,6 +141,51 @@ def test_ddp_on_2_and_3_processes_trains_like_one_process(tmp_path: Path, mnist_
     print(f"largest relative difference of the per-step global loss vs one process: {largest}")
 
 
+def test_ddp_ranks_draw_their_own_dropout_masks_on_the_one_process_data(tmp_path: Path, mnist_dir: Path) -> None:
+    """Lightning seeds every DDP rank alike, so every rank used to draw the same dropout
+    masks: a global batch of 12 over 2 ranks had 6 distinct masks.  Each rank now has its
+    own stream, while each still trains on exactly its slice of the one-process global
+    batch (order and shifts come from seeded hashes, not the global RNG)."""
+    masks = tmp_path / "masks"
+    result = run_cli(
+        "train.py",
+        *DDP_ARGS,
+        "model=baseline",
+        "model.conv_channels=[8,8,8]",
+        "model.hidden=[128,128]",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        f"paths.data_dir={mnist_dir}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "+callbacks.masks._target_=apps.probes.DropoutMasks",
+        f"+callbacks.masks.path={masks}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "completed"
+    rows = {
+        rank: [json.loads(line) for line in (masks / f"rank{rank}.jsonl").read_text().splitlines()] for rank in (0, 1)
+    }
+    assert [row["step"] for row in rows[0]] == [row["step"] for row in rows[1]] == [0, 1, 2, 3]
+
+    data = MNISTDataModule(data_dir=str(mnist_dir), batch_size=12, train_subset=48, val_subset=50, test_subset=100)
+    data.setup()
+    images, labels = data.train_set
+    order = TrainBatches(data.train_set, batch_size=12).order(0)
+    for step in range(4):
+        for rank in (0, 1):
+            idx = order[step * 12 + rank * 6 : step * 12 + (rank + 1) * 6]
+            shifted = random_shift(data.place(images[idx]), data.max_shift, 0, 0, idx)
+            assert rows[rank][step]["labels"] == labels[idx].tolist(), (step, rank)
+            assert rows[rank][step]["pixel_sums"] == pytest.approx(shifted.double().flatten(1).sum(dim=1).tolist())
+        (first,), (second,) = (torch.tensor(rows[rank][step]["masks"]) for rank in (0, 1))
+        known = (first >= 0) & (second >= 0)  # both inputs non-zero: both masks visible
+        assert known.sum() > 100
+        agreement = float((first[known] == second[known]).float().mean())
+        assert agreement < 0.75, f"step {step}: the two ranks' dropout masks agree on {agreement:.0%}"
+        print(f"step {step}: rank masks agree on {agreement:.0%} of {int(known.sum())} visible entries")
+
+
 def test_a_global_batch_the_world_does_not_divide_is_refused(tmp_path: Path, mnist_dir: Path) -> None:
     run_dir = tmp_path / "run"
     result = run_cli(
@@ -192,8 +239,8 @@ def test_every_trainer_precision_trains(make_cfg, tmp_path: Path, precision: str
 
 
 def test_matmul_precision_and_compile_mode_settings(make_cfg, tmp_path: Path) -> None:
-    from capsnet.run.validation import ConfigError
     from capsnet.run.training import apply_matmul_precision
+    from capsnet.run.validation import ConfigError
 
     try:
         apply_matmul_precision("high")
@@ -209,12 +256,24 @@ def test_matmul_precision_and_compile_mode_settings(make_cfg, tmp_path: Path) ->
     assert make_cfg("perf.compile=reduce-overhead").perf.compile == "reduce-overhead"
 
 
-def test_fast_profile_takes_bf16_only_on_a_gpu_with_bf16(make_cfg, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("gpu", "capability", "expected"),
+    [
+        ("V100", (7, 0), "32-true"),
+        ("T4", (7, 5), "32-true"),
+        ("A100", (8, 0), "bf16-mixed"),
+        ("H100", (9, 0), "bf16-mixed"),
+    ],
+)
+def test_fast_profile_takes_bf16_only_on_a_gpu_with_native_bf16(
+    make_cfg, monkeypatch, gpu: str, capability: tuple[int, int], expected: str
+) -> None:
+    """``torch.cuda.is_bf16_supported()`` is true on every one of these (V100 and T4 emulate
+    bf16); only compute capability >= 8.0 has it natively."""
     assert make_cfg("profile=fast").trainer.precision == "32-true"  # this machine: no GPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    assert make_cfg("profile=fast", "trainer=gpu").trainer.precision == "bf16-mixed"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args, **kwargs: capability)
+    assert make_cfg("profile=fast", "trainer=gpu").trainer.precision == expected, gpu
     assert make_cfg("profile=fast", "trainer=cpu").trainer.precision == "32-true"
     assert make_cfg("profile=paper", "trainer=gpu").trainer.precision == "32-true"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)  # e.g. a V100
-    assert make_cfg("profile=fast", "trainer=gpu").trainer.precision == "32-true"

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
 
 from capsnet.reporting.table import build_table, load_records, to_markdown
 from conftest import CONF, run_cli
@@ -49,6 +51,22 @@ def test_launcher_configs_compose() -> None:
     assert slurm.max_num_timeout >= 1  # jobs that reach the time limit are requeued and resume
     ray = _compose("hydra/launcher=ray_gpus", "hydra.launcher.jobs_per_gpu=3").hydra.launcher
     assert ray._target_.endswith("RayGpuLauncher") and ray.jobs_per_gpu == 3
+
+
+def test_optuna_launches_as_many_trials_at_once_as_the_launcher_runs(tmp_path: Path, monkeypatch) -> None:
+    """hparams_search under ray_gpus: one batch of trials fills every GPU share (it used to
+    stay at one trial at a time on any number of GPUs)."""
+    search = ["hparams_search=mnist_optuna", f"hydra.sweep.dir={tmp_path / 'search'}"]
+    assert _compose(*search).hydra.sweeper.n_jobs == 1  # the basic launcher runs one job at a time
+    ray = [*search, "hydra/launcher=ray_gpus"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)  # a machine with 8 GPUs
+    assert _compose(*ray).hydra.sweeper.n_jobs == 8
+    doubled = _compose(*ray, "hydra.launcher.jobs_per_gpu=2")
+    assert doubled.hydra.sweeper.n_jobs == 16
+    assert instantiate(doubled.hydra.sweeper).sweeper.n_jobs == 16  # what the Optuna sweeper batches by
+    declared = _compose(*ray, "+hydra.launcher.ray.init.num_gpus=2", "hydra.launcher.jobs_per_gpu=3")
+    assert declared.hydra.sweeper.n_jobs == 6  # Ray's declared GPUs win over this machine's
+    assert _compose(*ray, "hydra.sweeper.n_jobs=5").hydra.sweeper.n_jobs == 5  # a cluster: say it
 
 
 def test_smoke_table1_sweep_builds_the_table(tmp_path: Path, mnist_dir: Path) -> None:

@@ -10,8 +10,8 @@ import torch
 from torchvision.utils import save_image
 
 from capsnet.reporting.curves import seed_curves
-from capsnet.run.history import read_history, summarize
 from capsnet.reporting.table import main
+from capsnet.run.history import read_history, summarize
 
 
 def _run(root: Path, name: str, seed: int, val_errors: list[float], test_error: float, figures: bool = False) -> Path:

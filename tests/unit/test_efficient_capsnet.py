@@ -20,8 +20,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from capsnet.nn.models import CapsNetOutput, count_parameters
 from capsnet.nn.efficient_capsnet import EfficientCapsNet
+from capsnet.nn.models import CapsNetOutput, count_parameters
 from capsnet.nn.routing.self_attention import SelfAttentionRouting
 from capsnet.nn.routing.squash import efficient_squash
 from capsnet.nn.routing.uniform import UniformRouting

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from capsnet.nn.models import CapsNet
 from capsnet.reporting.figures import (
     PERTURBATIONS,
     dimension_perturbation,
@@ -14,7 +15,6 @@ from capsnet.reporting.figures import (
     routing_convergence,
     write_run_figures,
 )
-from capsnet.nn.models import CapsNet
 
 
 def test_perturbation_steps() -> None:

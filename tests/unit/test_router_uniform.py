@@ -23,8 +23,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from capsnet.nn.routing.base import Router
-from capsnet.nn.routing.uniform import UniformRouting
 from capsnet.nn.routing.dynamic import dynamic_routing
+from capsnet.nn.routing.uniform import UniformRouting
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 HINTON_EPS = 1e-8  # capsnet.nn.routing.dynamic.SQUASH_EPS

@@ -91,7 +91,11 @@ def test_failed_runs_listed_and_profile_in_title(tmp_path: Path) -> None:
     markdown = to_markdown(build_table(load_records([_sweep(tmp_path)]), profile="fast"))
     assert markdown.startswith("# Table 1 — test error % (profile: fast)")
     assert "not** a reproduction" in markdown
-    assert "## Runs not in the table (not completed)" in markdown and "r5_nan` (failed)" in markdown and "non-finite loss at step 7" in markdown
+    assert (
+        "## Runs not in the table (not completed)" in markdown
+        and "r5_nan` (failed)" in markdown
+        and "non-finite loss at step 7" in markdown
+    )
     assert "baseline_skip" not in markdown
 
 
@@ -202,9 +206,12 @@ def test_other_datasets_section_shows_single_models_ensembles_and_the_paper() ->
         "status": "completed",
         "test_error": 0.18,
         "member_test_errors": [0.20, 0.22],
-        "run_dir": "multirun/cifar10/ensemble",
+        "run_dir": "multirun/cifar10/ensemble_fast",
+        "profile": "fast",  # its members' (src/eval.py)
     }
-    table = build_table([*runs, ensemble], profile="fast")
+    smoke = {**ensemble, "profile": "smoke", "test_error": 0.5, "run_dir": "multirun/cifar10/ensemble_smoke"}
+    table = build_table([*runs, ensemble, smoke], profile="fast")
+    assert sum("ensemble" in row[1] for row in table["other"]) == 1  # another profile's ensemble is left out
     rows = {tuple(row[:2]): row for row in table["other"]}
     assert rows[("CIFAR-10", "capsnet_cifar10 r=3")][2] == "21.00 ± 1.41 (n=2)"
     assert rows[("CIFAR-10", "capsnet_cifar10 ensemble")][3] == "18.00 (ensemble of 2); members 20.00–22.00"

@@ -37,9 +37,9 @@ from torch import Tensor, nn
 
 from capsnet.nn.models import CapsNetOutput
 from capsnet.nn.routing.base import Routed, Router
+from capsnet.nn.routing.dynamic import capsule_lengths
 from capsnet.nn.routing.self_attention import SelfAttentionRouting
 from capsnet.nn.routing.squash import squash_fn
-from capsnet.nn.routing.dynamic import capsule_lengths
 
 # Keras' truncated normal initialisers (he_normal, glorot_normal) draw from N(0, σ) cut at
 # ±2σ with σ = sqrt(scale / fan) / 0.87962566103423978, the std of a unit normal cut at ±2.

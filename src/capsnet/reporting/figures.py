@@ -82,8 +82,8 @@ def overlay_reconstructions(images: Tensor, first: Tensor, second: Tensor) -> Te
     """MultiMNIST: the input in grey with each digit's reconstruction in its own colour
     (red, green).  Shapes: three [N, 1, H, W] -> [N, 3, H, W]."""
     grey = images.expand(-1, 3, -1, -1) * 0.35
-    red = torch.tensor([1.0, 0.1, 0.1], device=images.device).view(1, 3, 1, 1)
-    green = torch.tensor([0.1, 1.0, 0.1], device=images.device).view(1, 3, 1, 1)
+    red = torch.tensor([1.0, 0.1, 0.1], device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    green = torch.tensor([0.1, 1.0, 0.1], device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
     return (grey + first * red + second * green).clamp(0, 1)
 
 
@@ -97,7 +97,7 @@ def plot_routing_convergence(changes: Tensor, path: Path, source: str = "") -> P
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
     from matplotlib.ticker import FormatStrFormatter
 
-    ax.semilogy(range(2, len(changes) + 2), changes.cpu().numpy(), marker="o")
+    ax.semilogy(range(2, len(changes) + 2), changes.detach().float().cpu().numpy(), marker="o")
     ax.yaxis.set_major_formatter(FormatStrFormatter("%.4g"))
     ax.yaxis.set_minor_formatter(FormatStrFormatter("%.4g"))
     ax.set_xlabel("routing iterations r")
@@ -202,8 +202,8 @@ def write_run_figures(
     if not isinstance(net, CapsNet) or net.decoder is None:
         return written
     net.eval()
-    device = next(net.parameters()).device
-    images = next(iter(batches.values()))[0][:8].to(device)
+    weights = next(net.parameters())  # the data's float32 images follow the network's device and dtype
+    images = next(iter(batches.values()))[0][:8].to(weights.device, weights.dtype)
     if task == "multi":
         poses, _ = net.encode(images)
         top2 = poses.norm(dim=-1).topk(2, dim=1).indices

@@ -162,11 +162,13 @@ def _cell(records: list[dict[str, Any]], field_name: str) -> Cell:
 
 def build_table(records: list[dict[str, Any]], profile: str | None = None) -> dict[str, Any]:
     """Group completed runs into cells of one configuration each; list failed ones.
-    ``profile`` filters the training runs (ensemble records, written by src/eval.py, have none)."""
+    ``profile`` filters the training runs and the ensembles (src/eval.py records the
+    profile of an ensemble's members)."""
     ensembles = [r for r in records if r.get("kind") == "ensemble" and r.get("status") == "completed"]
     records = [r for r in records if r.get("kind") != "ensemble"]
     if profile is not None:
         records = [r for r in records if r.get("profile") == profile]
+        ensembles = [r for r in ensembles if r.get("profile") == profile]
     completed = [r for r in records if r.get("status") == "completed"]
     # what did not complete: failed, interrupted, unreadable, still running (or killed)
     failed = [r for r in records if r.get("status") not in ("completed", "skipped")]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import glob
+import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -13,13 +15,16 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from capsnet.run.builders import build_datamodule, data_info
 from capsnet.reporting.figures import write_run_figures
+from capsnet.run.builders import build_datamodule, data_info
 from capsnet.run.module import CapsNetModule, error_metric, top_k_error
-from capsnet.run.record import METRICS_FILE, RECORD_WAY_OUT, git_commit, write_metrics
+from capsnet.run.record import METRICS_FILE, RECORD_WAY_OUT, git_commit, read_metrics, write_metrics
 from capsnet.run.rundir import DamagedFileError, RunDir, load_checkpoint_file, read_json
+from capsnet.run.signature import configuration, differences
+from capsnet.run.training import CHECKPOINT_DIR, collect_test_metrics
 from capsnet.run.validation import validate_eval_config
-from capsnet.run.training import collect_test_metrics
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -133,9 +138,68 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         owner.release()
 
 
+def ensemble_members(
+    paths: list[Path], profile: str | None = None
+) -> tuple[list[Path], list[dict[str, Any]], list[dict[str, str]]]:
+    """The checkpoints that may join an ensemble, each read against its run record
+    (``<run dir>/metrics.json`` beside its ``checkpoints/``), and the others with why not.
+
+    A member must come from a run whose record says ``completed`` (a failed run, or one
+    killed or still training, may have a best.ckpt but no result to stand on), that
+    recorded its signature, and, when ``profile`` is given, that ran under that profile.
+    All members must share one configuration (the signature without seed and world size):
+    otherwise a :class:`CheckpointError` names the differences and how to narrow the set.
+
+    Returns the members' checkpoints, their run records (same order), and the checkpoints
+    left out, each with its reason (also logged).
+    """
+    members: list[Path] = []
+    records: list[dict[str, Any]] = []
+    excluded: list[dict[str, str]] = []
+    for path in paths:
+        run_dir = path.parent.parent
+        record = read_metrics(run_dir) if path.parent.name == CHECKPOINT_DIR else None
+        if record is None:
+            reason = f"no run record ({run_dir / METRICS_FILE}): not a finished capsnet run"
+        elif record.get("status") != "completed":
+            reason = f"its run is {record.get('status')!r}, not completed"
+        elif not record.get("signature"):
+            reason = "its run record has no signature (written by an older capsnet)"
+        elif profile is not None and record.get("profile") != profile:
+            reason = f"profile {record.get('profile')!r}, not {profile!r} (ensemble.profile)"
+        else:
+            members.append(path)
+            records.append(record)
+            continue
+        excluded.append({"checkpoint": str(path), "reason": reason})
+        log.warning("ensemble: leaving out %s: %s", path, reason)
+    if not members:
+        listed = "; ".join(f"{e['checkpoint']}: {e['reason']}" for e in excluded)
+        raise CheckpointError(f"ckpt_path: no checkpoint of a completed run to ensemble ({listed})")
+    by_configuration: dict[str, list[Path]] = {}
+    for path, record in zip(members, records, strict=True):
+        key = json.dumps(configuration(record["signature"]), sort_keys=True, default=str)
+        by_configuration.setdefault(key, []).append(path)
+    if len(by_configuration) > 1:
+        first, *others = by_configuration
+        changes = sorted({c for other in others for c in differences(json.loads(first), json.loads(other))})
+        groups = "; ".join(
+            f"{len(group)} from {', '.join(str(p.parent.parent) for p in group)}" for group in by_configuration.values()
+        )
+        raise CheckpointError(
+            f"ckpt_path: the completed runs are of {len(by_configuration)} configurations ({groups}), which differ "
+            f"in {'; '.join(changes[:8])}. An ensemble averages members of one configuration: narrow ckpt_path "
+            "to one of them (a narrower glob or a list), or pick a profile with ensemble.profile=<profile>"
+        )
+    return members, records, excluded
+
+
 def evaluate_ensemble(cfg: DictConfig, paths: list[Path]) -> dict[str, Any]:
-    """The paper's CIFAR-10 protocol: average the members' capsule lengths."""
+    """The paper's CIFAR-10 protocol: average the capsule lengths of completed runs of one
+    configuration (see :func:`ensemble_members`)."""
     started = time.time()
+    profile = (cfg.get("ensemble") or {}).get("profile")
+    paths, runs, excluded = ensemble_members(paths, profile)
     datamodule, trainer = _test_setup(cfg)
     members = [load_checkpoint(path, data_info(datamodule)) for path in paths]
     names = {m.hparams["model"]["name"] for m in members}
@@ -148,11 +212,17 @@ def evaluate_ensemble(cfg: DictConfig, paths: list[Path]) -> dict[str, Any]:
         "data": cfg.data.name,
         "routing_iters": model_cfg.get("routing_iterations"),
         "recon": model_cfg.get("reconstruction"),
+        # the members' own: the table's --profile keeps the ensemble with its members
+        "profile": runs[0].get("profile"),
+        "experiment": runs[0].get("experiment"),
+        "configuration": configuration(runs[0]["signature"]),
+        "member_seeds": [run.get("seed") for run in runs],
         "ensemble_size": len(members),
         "test_error": results["test/error"],
         "member_test_errors": member_errors,
         "member_test_error_mean": sum(member_errors) / len(member_errors),
         "checkpoints": [str(p.resolve()) for p in paths],
+        "excluded": excluded,
         "wall_time_s": round(time.time() - started, 2),
         "git_commit": git_commit(),
         "status": "completed",
@@ -183,9 +253,17 @@ def evaluate_one(cfg: DictConfig, ckpt_path: Path) -> dict[str, Any]:
     }
     out_dir = Path(cfg.paths.output_dir)
     if cfg.get("figures", True):
-        figures = write_run_figures(
-            module.net, datamodule.sample_batches(), out_dir / "figures", module.task, source=f"checkpoint {ckpt_path}"
-        )
-        record["figures"] = [p.name for p in figures]
+        try:
+            figures = write_run_figures(
+                module.net,
+                datamodule.sample_batches(),
+                out_dir / "figures",
+                module.task,
+                source=f"checkpoint {ckpt_path}",
+            )
+            record["figures"] = [p.name for p in figures]
+        except Exception as error:  # the test result stands without its pictures
+            log.exception("figures failed; the result is recorded without them")
+            record["figures_error"] = f"{type(error).__name__}: {error}"
     write_metrics(out_dir, record)
     return record

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchmetrics
@@ -27,7 +28,7 @@ class NonFiniteLossError(RuntimeError):
 # Checkpoints written before models were named by ``_target_`` carry only ``name``.
 LEGACY_TARGETS = {"capsnet": "capsnet.nn.models.CapsNet", "baseline": "capsnet.nn.models.paper_baseline"}
 # Checkpoints written before capsnet's subpackages name the flat module paths.
-LEGACY_MODULES = {"capsnet.models.": "capsnet.nn.models."}
+LEGACY_MODULES = {"capsnet.nn.models.": "capsnet.nn.models."}
 RECORD_ONLY_KEYS = ("name",)  # in the model config for records and the table, not for the class
 
 
@@ -56,10 +57,49 @@ def build_model(model: dict[str, Any], *, image_size: int, in_channels: int, num
     )
 
 
+class Float32States:
+    """A torchmetrics mixin: the metric's states stay float32 under every trainer precision,
+    so counts are exact (to 2^24) and errors are exact fractions.
+
+    Lightning's pure precisions cast the whole LightningModule with ``module.to(dtype)``,
+    which torchmetrics applies to metric states too (it guards only ``.half()``,
+    ``.double()`` and the like), and a metric built inside a step under a pure precision
+    takes the step's default dtype: in bfloat16 (8 significant bits) 10,000 test examples
+    were counted as 10,112 and an epoch's counter stopped at 32,768.  Here a module-wide
+    cast moves the states to the new device and leaves their dtype alone; ``set_dtype``
+    remains the one deliberate way to change it.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.set_dtype(torch.float32)
+
+    def _apply(self, fn: Any, exclude_state: Any = "") -> nn.Module:
+        if self._dtype_convert:  # set_dtype
+            return super()._apply(fn, exclude_state)
+        dtype = self._dtype
+
+        def move_only(tensor: Tensor) -> Tensor:
+            return tensor.to(fn(tensor.new_empty(0)).device)
+
+        this = super()._apply(move_only, exclude_state)
+        this._dtype = dtype
+        return this
+
+
+class ExactMean(Float32States, torchmetrics.MeanMetric):
+    """MeanMetric with float32 states under every precision (see :class:`Float32States`)."""
+
+
+class ExactSum(Float32States, torchmetrics.SumMetric):
+    """SumMetric with float32 states under every precision (see :class:`Float32States`)."""
+
+
 def error_metric() -> torchmetrics.MeanMetric:
-    """Mean of per-example 0/1 errors.  Errors are never NaN, so the NaN check is off: its
-    ``bool(nans.any())`` would otherwise stall the GPU at every update."""
-    return torchmetrics.MeanMetric(nan_strategy="disable")
+    """Mean of per-example 0/1 errors, in float32 under every precision.  Errors are never
+    NaN, so the NaN check is off: its ``bool(nans.any())`` would otherwise stall the GPU at
+    every update."""
+    return ExactMean(nan_strategy="disable")
 
 
 def top_k_error(scores: Tensor, labels: Tensor) -> Tensor:
@@ -73,6 +113,11 @@ def top_k_error(scores: Tensor, labels: Tensor) -> Tensor:
     k = labels.shape[1]
     predicted = scores.topk(k, dim=1).indices.sort(dim=1).values
     return (predicted != labels.sort(dim=1).values).any(dim=1).float()
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A seed for ``rank``'s random stream, well mixed from (seed, rank)."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0])
 
 
 class CapsNetModule(L.LightningModule):
@@ -121,9 +166,7 @@ class CapsNetModule(L.LightningModule):
         self.channels_last, self.compile_net = channels_last, compile
         self.errors = nn.ModuleDict({f"{stage}_error": error_metric() for stage in ("train", "val", "test")})
         # Examples evaluated, summed over DDP ranks: proof that each counts exactly once.
-        self.examples = nn.ModuleDict(
-            {stage: torchmetrics.SumMetric(nan_strategy="disable") for stage in ("val", "test")}
-        )
+        self.examples = nn.ModuleDict({stage: ExactSum(nan_strategy="disable") for stage in ("val", "test")})
         self.extra_errors = nn.ModuleDict()  # extra test sets, e.g. affNIST
         self.run_signature: dict[str, Any] | None = None  # set by capsnet.run.training, saved in checkpoints
 
@@ -249,6 +292,17 @@ class CapsNetModule(L.LightningModule):
             add_dataloader_idx=False,
             metric_attribute=f"extra_errors.{name}",
         )
+
+    def on_fit_start(self) -> None:
+        """Under DDP, one random stream per rank: Lightning seeds every rank with the same
+        seed (``reset_seed`` when the process group starts), so every rank drew the same
+        dropout masks and a global batch had only batch/N distinct ones.  Each rank is
+        reseeded here with (seed, rank), after Lightning's reseed and before the first step;
+        a single process keeps its stream untouched.  The data's order, shifts and crops
+        come from their own seeded hashes, not from this stream, so they do not move."""
+        trainer = self.trainer
+        if trainer.world_size > 1:
+            torch.manual_seed(rank_seed(torch.initial_seed(), trainer.global_rank))
 
     def test_set_names(self) -> list[str]:
         """Names of the datamodule's test loaders; the first is the dataset's own test split."""

@@ -51,6 +51,20 @@ def wandb_offline(configured: bool | None) -> bool:
     return not wandb_has_credentials()
 
 
+def wandb_mode(configured: bool | None) -> str:
+    """The mode handed to ``wandb.init`` explicitly, by the rules of :func:`wandb_offline`:
+    forced by ``logger.wandb.offline``; else ``WANDB_MODE`` when set; else online with
+    credentials and offline without.  Explicit because wandb reads ``WANDB_MODE`` only when
+    it builds its settings, once per process: the credential lookup builds them before
+    Lightning sets ``WANDB_MODE=dryrun`` for an offline logger, so ``wandb.init`` would ask
+    for an API key (``UsageError: No API key configured``), and so would every later job
+    of a sweep in the same process."""
+    if configured is None and os.environ.get("WANDB_MODE"):
+        mode = os.environ["WANDB_MODE"]
+        return {"dryrun": "offline", "run": "online"}.get(mode, mode)
+    return "offline" if wandb_offline(configured) else "online"
+
+
 def wandb_run_id(run_dir: Path, resuming: bool) -> str:
     """The W&B run id of this run dir: the stored one when the run resumes, a new one when
     it starts from scratch (so a retrained run never appends to the old run's curves)."""
@@ -62,7 +76,8 @@ def wandb_run_id(run_dir: Path, resuming: bool) -> str:
 
 def wandb_arguments(node: DictConfig, run_dir: Path, resuming: bool, tags: list[str]) -> dict[str, Any]:
     """Constructor arguments decided at run time: mode, id, and the run's own tags."""
-    offline = wandb_offline(node.get("offline"))
+    mode = wandb_mode(node.get("offline"))
+    offline = mode == "offline"
     if offline and node.get("log_model"):
         raise ConfigError(
             "logger.wandb.log_model",
@@ -72,6 +87,7 @@ def wandb_arguments(node: DictConfig, run_dir: Path, resuming: bool, tags: list[
         )
     return {
         "offline": offline,
+        "mode": mode,
         "id": wandb_run_id(run_dir, resuming),
         "resume": "allow",
         "tags": [*(node.get("tags") or []), *tags],
@@ -187,7 +203,7 @@ def log_table_to_wandb(
     """Log the results table as a W&B table in its own run of the sweep's group."""
     import wandb
 
-    mode = "offline" if wandb_offline(None) else None
+    mode = wandb_mode(None)
     run = wandb.init(
         project=project,
         group=group,

@@ -28,13 +28,13 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 from torch import Tensor
 
+from capsnet.data.mnist import DataError
+from capsnet.nn.models import count_parameters
+from capsnet.reporting.figures import write_run_figures
 from capsnet.run.builders import build_datamodule, build_module
 from capsnet.run.callbacks import LastCheckpoint
 from capsnet.run.config_tree import print_config_tree
-from capsnet.data.mnist import DataError
-from capsnet.reporting.figures import write_run_figures
 from capsnet.run.history import EpochHistory, read_history, summarize
-from capsnet.nn.models import count_parameters
 from capsnet.run.module import RUN_SIGNATURE_KEY
 from capsnet.run.record import git_commit, read_metrics, resolved_config, save_resolved_config, write_metrics
 from capsnet.run.rundir import (
@@ -46,10 +46,10 @@ from capsnet.run.rundir import (
     checkpoint_way_out,
     load_checkpoint_file,
 )
-from capsnet.run.validation import ConfigError, check_data_sizes, validate_config
 from capsnet.run.signals import Interrupted, SignalCatcher, catching_signals
 from capsnet.run.signature import SCHEDULE_LENGTH_KEYS, ResumeMismatchError, differences, run_signature
 from capsnet.run.tracking import StepLog, build_loggers, finish_wandb, start_loggers
+from capsnet.run.validation import ConfigError, check_data_sizes, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +394,11 @@ def _train_and_test(
         record.update(collect_test_metrics(results, cfg.data.name))
         if cfg.figures and trainer.is_global_zero:
             source = f"weights of {best_path.name}" + (", lowest validation error" if best_path.stem == BEST else "")
-            record["figures"] = [p.name for p in _write_figures(module, datamodule, run_dir, trainer, source)]
+            try:
+                record["figures"] = [p.name for p in _write_figures(module, datamodule, run_dir, trainer, source)]
+            except Exception as error:  # pictures of a trained, tested run: never its status
+                log.exception("figures failed; the run is recorded without them")
+                record["figures_error"] = f"{type(error).__name__}: {error}"
         best_score = best.best_model_score if best is not None else None
         record.update(
             status="completed",

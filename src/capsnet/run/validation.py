@@ -41,17 +41,39 @@ def sqlite_beside(folder: str, filename: str) -> str:
     return f"sqlite:///{path / filename}"
 
 
+NATIVE_BF16_CAPABILITY = (8, 0)  # Ampere (A100, RTX 30xx) and later: bf16 tensor cores
+
+
 def fast_precision(accelerator: str) -> str:
     """The ``fast`` profile's precision: bf16-mixed where the job runs on a CUDA GPU with
-    bf16 (same accuracy as float32 at equal steps, measured on two seeds: see README),
-    float32 everywhere else.  Never decided by a CPU, whose bf16 speed varies by model."""
+    native bf16, compute capability >= 8.0 (same accuracy as float32 at equal steps,
+    measured on two seeds: see README), float32 everywhere else.  ``is_bf16_supported()``
+    is no test: it is true on a V100 or T4 too, which only emulate bf16, far slower than
+    float32.  Never decided by a CPU, whose bf16 speed varies by model."""
     import torch
 
-    on_gpu = accelerator != "cpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return "bf16-mixed" if on_gpu else "32-true"
+    if accelerator == "cpu" or not torch.cuda.is_available():
+        return "32-true"
+    native = tuple(torch.cuda.get_device_capability()) >= NATIVE_BF16_CAPABILITY
+    return "bf16-mixed" if native else "32-true"
+
+
+def trials_per_batch(launcher: str, jobs_per_gpu: int, declared_gpus: int | None = None) -> int:
+    """``hparams_search``'s trials launched together (``hydra.sweeper.n_jobs``): what the
+    launcher runs at once.  ``hydra/launcher=ray_gpus``: every GPU (Ray's declared
+    ``num_gpus`` when given, else those torch sees on this machine) times ``jobs_per_gpu``;
+    any other launcher (the basic one runs jobs one after another): 1."""
+    if not str(launcher).endswith("RayGpuLauncher"):
+        return 1
+    if declared_gpus is None:
+        import torch
+
+        declared_gpus = torch.cuda.device_count()
+    return max(1, int(declared_gpus)) * int(jobs_per_gpu)
 
 
 OmegaConf.register_new_resolver("capsnet.run_name", run_name, replace=True)
+OmegaConf.register_new_resolver("capsnet.trials_per_batch", trials_per_batch, replace=True)
 OmegaConf.register_new_resolver("capsnet.fast_precision", fast_precision, replace=True)
 OmegaConf.register_new_resolver("capsnet.sqlite_beside", sqlite_beside, replace=True)
 
