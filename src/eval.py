@@ -6,9 +6,12 @@ import hydra
 from omegaconf import DictConfig
 
 from capsnet.data.mnist import DataError
+from capsnet.run import resolvers
 from capsnet.run.evaluation import CheckpointError, evaluate
 from capsnet.run.rundir import DamagedFileError, RunDirBusyError
 from capsnet.run.validation import ConfigError
+
+resolvers.register()  # before Hydra composes the config
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")

@@ -12,9 +12,12 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from capsnet.run import resolvers
 from capsnet.run.signals import Interrupted
 from capsnet.run.sweep import in_sweep, record_job_outcome, runs_in_driver
 from capsnet.run.training import REFUSALS, RecordWriteError, run
+
+resolvers.register()  # before Hydra composes the config
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -14,12 +14,13 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-import capsnet.run.validation  # noqa: F401  (registers the config resolvers)
+from capsnet.run import resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 os.environ.setdefault("WANDB_MODE", "disabled")
+resolvers.register()
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,10 @@ from torch import Tensor, nn
 
 
 class TinyCNN(nn.Module):
-    """A small CNN: the model contract is the four data keyword arguments plus its own."""
+    """A small CNN: the model contract is the four data keyword arguments plus its own, and
+    what it is trained to minimise (``objective``: its outputs are class logits)."""
+
+    objective = "logits"
 
     def __init__(
         self, *, input_size: int, in_channels: int, num_classes: int, task: str = "single", channels: int = 8

@@ -91,7 +91,7 @@ def test_the_module_computes_the_reconstruction_loss_in_float64_under_64_true() 
     images = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     labels = torch.tensor([0, 3, 5, 9])
     with torch.no_grad():
-        _, parts = module._capsnet_losses(images, labels, None)
+        _, parts = module.objective(module.net, images.double(), labels, None, training=True, step=0)
         poses, _ = module.net.encode(images.double())
         expected = _hand_sse_loss(module.net.reconstruct(poses, labels), images.double())
     assert parts["recon"].dtype == torch.float64

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -103,9 +105,11 @@ def test_capsnet_runs_in_a_pure_precision(dtype: torch.dtype) -> None:
 
 def test_digit_caps_gradients_in_float64_pass_gradcheck() -> None:
     from capsnet.nn.layers import DigitCaps
+    from capsnet.nn.routing.dynamic import DynamicRouting
 
     torch.manual_seed(0)
-    layer = DigitCaps(in_capsules=6, in_dim=4, out_capsules=3, out_dim=5, routing_iterations=3, bias=True).double()
+    router = partial(DynamicRouting, iters=3)
+    layer = DigitCaps(in_capsules=6, in_dim=4, out_capsules=3, out_dim=5, router=router, bias=True).double()
     u = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: layer(x)[0], (u,))
 
@@ -113,5 +117,5 @@ def test_digit_caps_gradients_in_float64_pass_gradcheck() -> None:
 def test_routing_stays_float32_under_autocast() -> None:
     model = CapsNet()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        poses, coupling = model.digit_caps(torch.rand(2, 1152, 8))
+        poses, coupling, _ = model.digit_caps(torch.rand(2, 1152, 8))
     assert poses.dtype == coupling.dtype == torch.float32

@@ -53,7 +53,7 @@ def test_differences_name_each_key_and_may_ignore_the_schedule_length() -> None:
 
 
 def test_run_names_are_one_short_dir_level_and_a_pure_function_of_the_command() -> None:
-    from capsnet.run.validation import MAX_RUN_NAME, run_name
+    from capsnet.run.resolvers import MAX_RUN_NAME, run_name
 
     assert run_name("") == "defaults"
     assert run_name("ckpt_path=outputs/a/best.ckpt,seed=1") == "ckpt_path=outputs_a_best.ckpt,seed=1"

@@ -215,7 +215,7 @@ def test_other_datasets_section_shows_single_models_ensembles_and_the_paper() ->
     rows = {tuple(row[:2]): row for row in table["other"]}
     assert rows[("CIFAR-10", "capsnet_cifar10 r=3")][2] == "21.00 ± 1.41 (n=2)"
     assert rows[("CIFAR-10", "capsnet_cifar10 ensemble")][3] == "18.00 (ensemble of 2); members 20.00–22.00"
-    assert rows[("CIFAR-10", "paper")][4] == "10.6 (ensemble of 7)"
+    assert rows[("CIFAR-10", "paper")][4] == "10.6 (an ensemble of 7 models)"
     assert not any(row[0] in ("SVHN", "smallNORB") for row in table["other"])  # nothing run: no rows
     assert "## Other datasets (§7)" in to_markdown(table)
     assert table["n_runs"] == 2  # the ensemble record is not a training run

@@ -154,6 +154,8 @@ class EfficientCapsNet(nn.Module):
         decoder_output: ``"sigmoid"`` for pixels in [0, 1], ``"linear"`` otherwise.
     """
 
+    objective = "capsule"  # margin + reconstruction, as the official code (capsnet.run.objectives)
+
     def __init__(
         self,
         *,
@@ -248,6 +250,14 @@ class EfficientCapsNet(nn.Module):
         routed = self.route(x)
         return routed.poses, routed.couplings
 
+    def scores(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Class scores (the official ``Length``, or the router's activations) and poses.
+
+        Shapes: x [B, C, H, W] -> (scores [B, K], poses [B, K, D])."""
+        routed = self.route(x)
+        scores = capsule_lengths(routed.poses, eps=_KERAS_EPSILON) if routed.activations is None else routed.activations
+        return scores, routed.poses
+
     def reconstruct(self, poses: Tensor, labels: Tensor) -> Tensor:
         """Decode the capsule ``labels`` of each example (all others masked).
 
@@ -267,9 +277,7 @@ class EfficientCapsNet(nn.Module):
         Shapes: x [B, C, H, W], y [B] -> CapsNetOutput(lengths [B, K], poses [B, K, D],
         reconstructions [B, C, H, W] or None).
         """
-        routed = self.route(x)
-        poses = routed.poses
-        lengths = capsule_lengths(poses, eps=_KERAS_EPSILON) if routed.activations is None else routed.activations
+        lengths, poses = self.scores(x)
         reconstructions = None
         if self.decoder is not None:
             reconstructions = self.decoder(poses, y if y is not None else lengths.argmax(dim=1))

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from capsnet.nn.routing.dynamic import dynamic_routing, squash
+from capsnet.nn.routing import Routed, Router
+from capsnet.nn.routing.dynamic import DynamicRouting
+from capsnet.nn.routing.squash import squash
 
 
 class PrimaryCaps(nn.Module):
@@ -37,11 +41,13 @@ class PrimaryCaps(nn.Module):
 
 
 class DigitCaps(nn.Module):
-    """One 8×16 matrix per (primary capsule i, digit capsule j), then dynamic routing.
+    """One 8×16 matrix per (primary capsule i, digit capsule j), then a router.
 
-    The prediction vectors are computed as one batched matmul over i, written straight
-    into the parent-major layout routing consumes, so no [B, I, J, 16, 8] broadcast is
-    ever materialised.
+    The prediction vectors (votes) are computed as one batched matmul over i, written
+    straight into the parent-major layout routing consumes, so no [B, I, J, 16, 8]
+    broadcast is ever materialised.  The router is a plug-in (``routing=<name>``): a
+    callable that builds a :class:`~capsnet.nn.routing.Router` from the shapes it routes
+    between, e.g. ``functools.partial(DynamicRouting, iters=3)``.
     """
 
     def __init__(
@@ -51,22 +57,22 @@ class DigitCaps(nn.Module):
         in_dim: int = 8,
         out_capsules: int = 10,
         out_dim: int = 16,
-        routing_iterations: int = 3,
+        router: Callable[..., Router] = DynamicRouting,
         bias: bool = False,
-        detach_agreement: bool = False,
         weight_std: float = 0.05,
-        leaky: bool = False,
     ) -> None:
         super().__init__()
-        assert routing_iterations >= 1, f"routing_iterations must be >= 1, got {routing_iterations}"
         self.in_capsules, self.in_dim = in_capsules, in_dim
         self.out_capsules, self.out_dim = out_capsules, out_dim
-        self.routing_iterations = routing_iterations
-        self.detach_agreement = detach_agreement
-        self.leaky = leaky
         # W_ij stored as (I, in_dim, J*out_dim) so û = u @ W is a single bmm over i.
         self.weight = nn.Parameter(torch.randn(in_capsules, in_dim, out_capsules * out_dim) * weight_std)
         self.bias = nn.Parameter(torch.zeros(out_capsules, out_dim)) if bias else None
+        self.router = router(in_caps=in_capsules, out_caps=out_capsules, in_dim=in_dim, out_dim=out_dim)
+        if bias and not self.router.takes_parent_bias:
+            raise ValueError(
+                f"model.digit_bias=true needs a router that adds a per-parent bias (routing=dynamic); "
+                f"{type(self.router).__name__} does not"
+            )
 
     def predictions(self, u: Tensor, weight: Tensor | None = None) -> Tensor:
         """Prediction vectors û_{j|i} = W_ij u_i (``weight`` defaults to W itself).
@@ -83,23 +89,25 @@ class DigitCaps(nn.Module):
         u_pm = u_hat.permute(1, 2, 0, 3).contiguous()  # (B, J, I, D)
         return u_pm.transpose(1, 2)  # (B, I, J, D) view
 
-    def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        """Shapes: u [B, I, in_dim] -> (v [B, J, out_dim], c [B, I, J]).
+    def forward(self, u: Tensor, iterations: int | None = None) -> Routed:
+        """Shapes: u [B, I, in_dim] -> Routed(poses [B, J, out_dim], couplings [B, I, J], ...).
 
         Under mixed precision (autocast) the routing still runs in float32: its softmax of
         summed agreements is the precision-sensitive part, and a small share of the time.
         Under a pure precision (bf16-true, 16-true, float64) it runs in the module's own dtype.
+        ``iterations`` overrides an iterative router's count for this call.
         """
         device_type = u.device.type
         dtype = torch.float32 if torch.is_autocast_enabled(device_type) else self.weight.dtype
         with torch.autocast(device_type=device_type, enabled=False):
-            return dynamic_routing(
-                self.predictions(u.to(dtype), self.weight.to(dtype)),
-                self.routing_iterations,
-                bias=None if self.bias is None else self.bias.to(dtype),
-                detach_agreement=self.detach_agreement,
-                leaky=self.leaky,
-            )
+            u = u.to(dtype)
+            votes = self.predictions(u, self.weight.to(dtype))
+            extra: dict[str, object] = {}
+            if self.bias is not None:
+                extra["bias"] = self.bias.to(dtype)
+            if iterations is not None:
+                extra["iterations"] = iterations
+            return self.router(votes, u if self.router.needs_inputs else None, **extra)
 
 
 class Decoder(nn.Module):

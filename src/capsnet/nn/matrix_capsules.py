@@ -232,6 +232,8 @@ class MatrixCapsulesEM(nn.Module):
         coordinate_addition: "official", "paper" or "none" (module docstring).
     """
 
+    objective = "spread"  # the spread loss on the class activations (capsnet.run.objectives)
+
     def __init__(
         self,
         *,
@@ -265,7 +267,7 @@ class MatrixCapsulesEM(nn.Module):
         _trunc_normal_(self.conv1.weight, 0.05)
         nn.init.constant_(self.conv1.bias, 0.1)
         self.primary = PrimaryMatrixCaps(conv_channels, primary_types)
-        shared = {"iterations": iterations, "cost": cost, "min_var": min_var, "center_momentum": center_momentum}
+        shared = {"iters": iterations, "cost": cost, "min_var": min_var, "center_momentum": center_momentum}
         layers, in_types, conv_caps = [(conv_kernel, conv_stride)], primary_types, []
         for types, kernel, stride in zip(caps_types, caps_kernels, caps_strides, strict=True):
             if _out(size, kernel, stride) < 1:

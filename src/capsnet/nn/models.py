@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 from torch import Tensor, nn
 
 from capsnet.nn.layers import Decoder, DigitCaps, PrimaryCaps
-from capsnet.nn.routing.dynamic import capsule_lengths
+from capsnet.nn.routing import Router
+from capsnet.nn.routing.dynamic import DynamicRouting
+from capsnet.nn.routing.squash import capsule_lengths
 
 
 class CapsNetOutput(NamedTuple):
@@ -23,7 +27,8 @@ def _conv_out(size: int, kernel: int, stride: int = 1) -> int:
 
 
 class CapsNet(nn.Module):
-    """Conv1 → PrimaryCaps → DigitCaps (dynamic routing) → optional decoder (§4, Fig. 1-2).
+    """Conv1 → PrimaryCaps → DigitCaps (a router: dynamic routing by default) → optional
+    decoder (§4, Fig. 1-2).
 
     For 28×28 inputs this is exactly the paper's network: 1152 primary capsules and
     8,215,568 parameters with the decoder (6,804,224 without).  36×36 (MultiMNIST) gives
@@ -36,6 +41,8 @@ class CapsNet(nn.Module):
     tasks alike from capsule lengths, so ``task`` changes nothing here.
     """
 
+    objective = "capsule"  # margin + reconstruction losses (capsnet.run.objectives)
+
     def __init__(
         self,
         *,
@@ -43,19 +50,28 @@ class CapsNet(nn.Module):
         in_channels: int = 1,
         num_classes: int = 10,
         task: str = "single",
-        routing_iterations: int = 3,
+        router: Callable[..., Router] | None = None,
         reconstruction: bool = True,
         digit_bias: bool = False,
-        detach_agreement: bool = False,
         weight_std: float = 0.05,
         conv1_channels: int = 256,
         primary_types: int = 32,
         primary_dim: int = 8,
         digit_dim: int = 16,
-        leaky_routing: bool = False,
         decoder_output: str = "sigmoid",
+        routing_iterations: int | None = None,
+        leaky_routing: bool | None = None,
+        detach_agreement: bool | None = None,
     ) -> None:
         super().__init__()
+        if router is None:  # dynamic routing; the last three arguments are how checkpoints written
+            # before routing was a plug-in (``routing=<name>``) describe it
+            router = partial(
+                DynamicRouting,
+                iters=routing_iterations or 3,
+                leaky=bool(leaky_routing),
+                detach_agreement=bool(detach_agreement),
+            )
         conv1_size = _conv_out(input_size, 9)
         primary_size = _conv_out(conv1_size, 9, 2)
         assert primary_size >= 1, f"input_size {input_size} is too small for two 9×9 convolutions"
@@ -71,11 +87,9 @@ class CapsNet(nn.Module):
             in_dim=primary_dim,
             out_capsules=num_classes,
             out_dim=digit_dim,
-            routing_iterations=routing_iterations,
+            router=router,
             bias=digit_bias,
-            detach_agreement=detach_agreement,
             weight_std=weight_std,
-            leaky=leaky_routing,
         )
         self.decoder = (
             Decoder(
@@ -88,10 +102,27 @@ class CapsNet(nn.Module):
             else None
         )
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Shapes: x [B, C, H, W] -> (poses [B, K, D], coupling [B, I, K])."""
-        primary = self.primary_caps(self.conv1(x))  # (B, I, primary_dim)
-        return self.digit_caps(primary)
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Shapes: x [B, C, H, W] -> (poses [B, K, D], coupling [B, I, K] or None)."""
+        routed = self.digit_caps(self.primary_caps(self.conv1(x)))  # primary capsules (B, I, primary_dim)
+        return routed.poses, routed.couplings
+
+    def scores(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Class scores in [0, 1] and poses: the capsule lengths (the paper's), or the router's
+        own activations where it computes them (EM, self-routing).
+
+        Shapes: x [B, C, H, W] -> (scores [B, K], poses [B, K, D])."""
+        routed = self.digit_caps(self.primary_caps(self.conv1(x)))
+        scores = routed.activations if routed.activations is not None else capsule_lengths(routed.poses)
+        return scores, routed.poses
+
+    def couplings_by_iterations(self, x: Tensor, max_iterations: int) -> list[Tensor] | None:
+        """The coupling coefficients after r = 1..max_iterations iterations of this model's
+        router, or None when it does not iterate (the routing-convergence figure)."""
+        if not self.digit_caps.router.iterative:
+            return None
+        primary = self.primary_caps(self.conv1(x))
+        return [self.digit_caps(primary, iterations=r).couplings for r in range(1, max_iterations + 1)]
 
     def reconstruct(self, poses: Tensor, labels: Tensor) -> Tensor:
         """Decode the capsule ``labels`` of each example (all others masked).
@@ -107,8 +138,7 @@ class CapsNet(nn.Module):
 
         Shapes: x [B, C, H, W], y [B] -> CapsNetOutput.
         """
-        poses, _ = self.encode(x)
-        lengths = capsule_lengths(poses)
+        lengths, poses = self.scores(x)
         reconstructions = None
         if self.decoder is not None:
             mask_labels = y if y is not None else lengths.argmax(dim=1)
@@ -122,6 +152,8 @@ class BaselineCNN(nn.Module):
     35,445,522 parameters on 28×28.  Outputs logits for softmax cross-entropy.  The widths
     are arguments so the affNIST experiment can use a CNN of CapsNet's size on 40×40.
     """
+
+    objective = "logits"  # softmax cross-entropy
 
     def __init__(
         self,
@@ -164,6 +196,8 @@ class MultiMNISTBaselineCNN(nn.Module):
 
     24,563,978 parameters on 36×36.  Outputs logits for per-class sigmoid (multi-label) loss.
     """
+
+    objective = "logits"  # per-class sigmoid (two labels per image)
 
     def __init__(self, *, input_size: int = 36, in_channels: int = 1, num_classes: int = 10) -> None:
         super().__init__()

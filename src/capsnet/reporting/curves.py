@@ -19,8 +19,6 @@ from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
 from capsnet.run.history import read_history
 
-DATASET_TITLES = {"mnist": "MNIST", "multimnist": "MultiMNIST", "affnist_expanded": "expanded MNIST (affNIST protocol)"}
-
 
 def seed_curves(run_dirs: list[str]) -> dict[int, list[float]]:
     """Validation error (%) per epoch, one value per seed that reached that epoch."""
@@ -32,15 +30,15 @@ def seed_curves(run_dirs: list[str]) -> dict[int, list[float]]:
     return dict(sorted(by_epoch.items()))
 
 
-def write_curves(table: dict[str, Any], out_dir: Path, label_of, paper_of) -> list[Path]:
-    """One PNG per dataset column with any history: ``out_dir/curves_<dataset>.png``.
+def write_curves(table: dict[str, Any], out_dir: Path, label_of, paper_of, titles: dict[str, str]) -> list[Path]:
+    """One PNG per dataset column with any history: ``out_dir/curves_<column>.png``.
 
     ``label_of(row)`` names a table row; ``paper_of(column, row)`` gives the paper's mean
-    error in percent, or None.
+    error in percent, or None; ``titles`` names the columns (the datasets' own titles).
     """
     written = []
     profiles = ", ".join(table["profiles"]) or "unknown"
-    for column, title in DATASET_TITLES.items():
+    for column, title in titles.items():
         cells = {row: cell for row, cell in table["cells"].get(column, {}).items() if cell.run_dirs}
         curves = {row: seed_curves(cell.run_dirs) for row, cell in cells.items()}
         curves = {row: c for row, c in curves.items() if c}

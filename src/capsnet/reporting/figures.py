@@ -13,9 +13,6 @@ import torch
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
-from capsnet.nn.models import CapsNet
-from capsnet.nn.routing.dynamic import dynamic_routing
-
 PERTURBATIONS = torch.arange(-0.25, 0.25 + 1e-9, 0.05)  # 11 steps, §5.1 / Fig. 4
 
 
@@ -39,7 +36,7 @@ def grid(images: Tensor, nrow: int) -> Tensor:
 
 
 @torch.no_grad()
-def reconstructions_beside_inputs(net: CapsNet, images: Tensor, labels: Tensor | None = None) -> Tensor:
+def reconstructions_beside_inputs(net: torch.nn.Module, images: Tensor, labels: Tensor | None = None) -> Tensor:
     """Row pairs: inputs, then reconstructions from the predicted capsule (or the labels').
 
     Shapes: images [N, 1, H, W] -> [3, H', W'] with 2 rows of N.
@@ -49,7 +46,7 @@ def reconstructions_beside_inputs(net: CapsNet, images: Tensor, labels: Tensor |
 
 
 @torch.no_grad()
-def dimension_perturbation(net: CapsNet, image: Tensor) -> Tensor:
+def dimension_perturbation(net: torch.nn.Module, image: Tensor) -> Tensor:
     """Decode the predicted capsule with each of its 16 dimensions moved over
     [-0.25, 0.25] in steps of 0.05: a 16×11 grid of reconstructions.
 
@@ -66,16 +63,18 @@ def dimension_perturbation(net: CapsNet, image: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def routing_convergence(net: CapsNet, images: Tensor, max_iterations: int = 10) -> Tensor:
+def routing_convergence(net: torch.nn.Module, images: Tensor, max_iterations: int = 10) -> Tensor | None:
     """Mean absolute change of the coupling coefficients from r−1 to r routing iterations,
     for r = 2..max_iterations, on a batch of digits (routing is deterministic, so the
     coefficients after r iterations of a longer run are those of an r-iteration run).
+    None for a model whose router does not iterate (it has nothing to converge).
 
     Shapes: images [B, 1, H, W] -> [max_iterations - 1].
     """
-    u_hat = net.digit_caps.predictions(net.primary_caps(net.conv1(images)))
-    couplings = [dynamic_routing(u_hat, r, bias=net.digit_caps.bias)[1] for r in range(1, max_iterations + 1)]
-    return torch.stack([(b - a).abs().mean() for a, b in itertools.pairwise(couplings)])
+    by_iterations = getattr(net, "couplings_by_iterations", lambda *_: None)(images, max_iterations)
+    if by_iterations is None:
+        return None
+    return torch.stack([(b - a).abs().mean() for a, b in itertools.pairwise(by_iterations)])
 
 
 def overlay_reconstructions(images: Tensor, first: Tensor, second: Tensor) -> Tensor:
@@ -116,16 +115,6 @@ def save_png(image: Tensor, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(image, path)
     return path
-
-
-SAMPLE_TITLES = {
-    "train": "training digits as the network sees them (random shifts)",
-    "test": "test digits",
-    "expanded": "expanded-MNIST test digits (40×40, seeded positions)",
-    "affnist": "affine-transformed test digits (affNIST-style set)",
-    "train_center": "training images, central crop (the test-time view; training crops are random)",
-    "test_images": "test images as the network sees them",
-}
 
 
 def save_labelled(
@@ -182,14 +171,18 @@ def write_run_figures(
     out_dir: Path,
     task: str,
     source: str = "the model's current weights",
+    sample_titles: dict[str, str] | None = None,
 ) -> list[Path]:
-    """Data samples for every named batch, then the model figures on the first batch.
+    """Data samples for every named batch, then the model figures on the first batch (for
+    a model with a decoder: reconstructions, dimension perturbation, and the routing
+    convergence of an iterative router).
 
-    ``source`` names the weights (e.g. which checkpoint) in every model figure's title.
+    ``source`` names the weights (e.g. which checkpoint) in every model figure's title;
+    ``sample_titles`` (the dataset's) titles the sample grids.
     """
     written = []
     for name, batch in batches.items():
-        title = SAMPLE_TITLES.get(name, f"{name} samples")
+        title = (sample_titles or {}).get(name, f"{name} samples")
         written.append(save_labelled(grid(batch[0][:32], nrow=8), out_dir / f"samples_{name}.png", title))
         if task == "multi":
             written.append(
@@ -199,7 +192,7 @@ def write_run_figures(
                     f"{title}: the two digits of each composite, side by side (1st+2nd, 3rd+4th, ...)",
                 )
             )
-    if not isinstance(net, CapsNet) or net.decoder is None:
+    if getattr(net, "decoder", None) is None or not hasattr(net, "encode"):
         return written
     net.eval()
     weights = next(net.parameters())  # the data's float32 images follow the network's device and dtype
@@ -237,7 +230,7 @@ def write_run_figures(
             columns=[f"{float(delta):+.2f}" for delta in PERTURBATIONS],
         )
     )
-    written.append(
-        plot_routing_convergence(routing_convergence(net, images), out_dir / "routing_convergence.png", source)
-    )
+    changes = routing_convergence(net, images)
+    if changes is not None:  # only an iterative router converges
+        written.append(plot_routing_convergence(changes, out_dir / "routing_convergence.png", source))
     return written

@@ -18,7 +18,13 @@ FIGURES = {  # file in <run dir>/figures -> what it shows
     "dimension_perturbation.png": "each of the 16 dimensions (rows) of the predicted capsule moved by -0.25..0.25",
     "routing_convergence.png": "change of the coupling coefficients from r-1 to r routing iterations",
 }
-ERROR_FIELDS = {"mnist": "test_error", "multimnist": "multimnist_error", "affnist": "affnist_error"}
+
+
+def headline_error(record: dict[str, Any]) -> str:
+    """The record field the paper's main number for this run's dataset compares with."""
+    from capsnet.reporting.table import dataset_class
+
+    return getattr(dataset_class(record), "headline_error", "test_error")
 
 
 def best_runs(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -76,7 +82,7 @@ def write_report(
             f"{record.get('model')} r={record.get('routing_iters')} recon={record.get('recon')} "
             f"seed={record.get('seed')}, profile {record.get('profile')}, precision {record.get('precision', '?')}: "
             f"validation error {_percent(record.get('val_error'))} (best after {_epochs(history)} epochs), "
-            f"test error {_percent(record.get(ERROR_FIELDS.get(data, 'test_error')))}, {record.get('steps')} steps in "
+            f"test error {_percent(record.get(headline_error(record)))}, {record.get('steps')} steps in "
             f"{record.get('wall_time_s')} s. Figures from its best checkpoint "
             f"(`{record.get('best_checkpoint', 'best.ckpt')}`):"
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import statistics
@@ -23,45 +24,68 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import get_class
+from omegaconf import OmegaConf
+
+from capsnet.data.affnist import AffNISTDataModule
+from capsnet.data.cifar10 import CIFAR10DataModule
+from capsnet.data.mnist import MNISTDataModule
+from capsnet.data.multimnist import MultiMNISTDataModule
+from capsnet.data.smallnorb import SmallNORBDataModule
+from capsnet.data.svhn import SVHNDataModule
 from capsnet.reporting.curves import write_curves
 from capsnet.run.record import METRICS_FILE, RECORD_WAY_OUT
 from capsnet.run.rundir import SUPERSEDED_DIR, DamagedFileError, atomic_write_text, read_json
 from capsnet.run.signature import configuration
 
-# Table 1 of Sabour et al. (2017), test error % (mean ± std over 3 trials where given).
-PAPER_MNIST: dict[tuple[str, int | None, bool | None], str] = {
-    ("baseline", None, None): "0.39",
-    ("capsnet", 1, False): "0.34 ± 0.032",
-    ("capsnet", 1, True): "0.29 ± 0.011",
-    ("capsnet", 3, False): "0.35 ± 0.036",
-    ("capsnet", 3, True): "0.25 ± 0.005",
+# The paper's tables and where their columns come from: each dataset class declares its own
+# numbers (``paper``, by record field and row) and title; the table only lays them out.
+TABLE1_COLUMNS: dict[type, dict[str, str]] = {  # dataset class -> {column: record field}
+    MNISTDataModule: {"mnist": "test_error"},
+    MultiMNISTDataModule: {"multimnist": "multimnist_error"},
+    AffNISTDataModule: {"affnist_expanded": "test_error", "affnist": "affnist_error"},
 }
-PAPER_MULTIMNIST: dict[tuple[str, int | None, bool | None], str] = {
-    ("baseline", None, None): "8.1",
-    ("capsnet", 1, True): "7.5",
-    ("capsnet", 3, True): "5.2",
+SECTION7 = (CIFAR10DataModule, SmallNORBDataModule, SVHNDataModule)  # §7: one number each
+PAPER_MNIST = MNISTDataModule.paper["test_error"]
+PAPER_MULTIMNIST = MultiMNISTDataModule.paper["multimnist_error"]
+COLUMN_TITLES = {
+    column: f"{cls.title} ({field})" if len(fields) > 1 else cls.title
+    for cls, fields in TABLE1_COLUMNS.items()
+    for column, field in fields.items()
 }
-# §5.2: accuracy 99.23% / 79% (CapsNet) and 99.22% / 66% (CNN), as error %.
-PAPER_AFFNIST: dict[str, tuple[str, str]] = {"capsnet": ("0.77", "21"), "baseline": ("0.78", "34")}
-
-# §7, test error %: CIFAR-10 is a 7-model ensemble; smallNORB and SVHN single models.
-PAPER_OTHER: dict[str, tuple[str, str]] = {
-    "cifar10": ("10.6", "ensemble of 7"),
-    "smallnorb": ("2.7", ""),
-    "svhn": ("4.3", ""),
-}
-DATASET_NAMES = {"cifar10": "CIFAR-10", "smallnorb": "smallNORB", "svhn": "SVHN"}
 
 ROUTING_GRID = (1, 3, 5, 7, 10)
 Row = tuple[str, int | None, bool | None]
 # A table row: the paper's row, and which configuration ("" when only one was run).
 TableRow = tuple[str, int | None, bool | None, str]
-# Which record fields fill which column, per dataset.
-COLUMNS = {
-    "mnist": {"mnist": "test_error"},
-    "multimnist": {"multimnist": "multimnist_error"},
-    "affnist": {"affnist_expanded": "test_error", "affnist": "affnist_error"},
-}
+
+
+@functools.cache
+def _class_at(target: str) -> type | None:
+    try:
+        return get_class(target)
+    except Exception:  # noqa: BLE001  (a dataset class that no longer imports: not in any table)
+        return None
+
+
+CONF_DATA = Path(__file__).resolve().parents[3] / "conf" / "data"  # the checkout's data configs
+
+
+@functools.cache
+def _class_named(data: str) -> type | None:
+    """The class ``conf/data/<data>.yaml`` names (records written before signatures)."""
+    path = CONF_DATA / f"{data}.yaml"
+    target = OmegaConf.load(path).get("_target_") if path.is_file() else None
+    return _class_at(str(target)) if target else None
+
+
+def dataset_class(record: dict[str, Any]) -> type | None:
+    """The DataModule class a record was trained on: its signature's ``data._target_``, or
+    for a record without a signature the class its dataset's config names."""
+    target = (record.get("signature") or {}).get("data._target_")
+    if target:
+        return _class_at(target)
+    return _class_named(str(record.get("data"))) if record.get("data") else None
 
 
 @dataclass
@@ -174,18 +198,18 @@ def build_table(records: list[dict[str, Any]], profile: str | None = None) -> di
     failed = [r for r in records if r.get("status") not in ("completed", "skipped")]
     groups: dict[tuple[str, Row], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for record in completed:
-        if record.get("data") in COLUMNS:
-            groups[(record["data"], row_key(record))][config_key(record)].append(record)
+        if dataset_class(record) in TABLE1_COLUMNS and record.get("routing") in (None, "dynamic"):
+            groups[(dataset_class(record), row_key(record))][config_key(record)].append(record)
     cells: dict[str, dict[TableRow, Cell]] = defaultdict(dict)
     duplicates = []
     for (data, row), by_config in groups.items():
         labels = variant_labels(sorted(by_config))
         for key, runs in by_config.items():
-            for column, field_name in COLUMNS[data].items():
+            for column, field_name in TABLE1_COLUMNS[data].items():
                 cell = _cell(runs, field_name)
                 cells[column][(*row, labels[key])] = cell
-                if cell.duplicate_seeds and column == next(iter(COLUMNS[data])):
-                    duplicates.append(((*row, labels[key]), data, sorted(r["run_dir"] for r in runs)))
+                if cell.duplicate_seeds and column == next(iter(TABLE1_COLUMNS[data])):
+                    duplicates.append(((*row, labels[key]), data.title, sorted(r["run_dir"] for r in runs)))
     base: list[Row] = [("baseline", None, None)]
     base += [("capsnet", r, recon) for r in ROUTING_GRID for recon in (False, True)]
     present = {row for column in cells.values() for row in column}
@@ -210,8 +234,10 @@ def other_dataset_rows(completed: list[dict[str, Any]], ensembles: list[dict[str
     """§7: per dataset and model, single models (mean ± std over seeds) and any ensemble of
     them, beside the paper's number."""
     rows = []
-    for data, (paper, paper_kind) in PAPER_OTHER.items():
-        runs = [r for r in completed if r.get("data") == data]
+    for dataset in SECTION7:
+        paper = "; ".join(dataset.paper.get("test_error", {}).values())
+        paper_kind = dataset.paper_source.split(": ", 1)[1] if ": " in dataset.paper_source else ""
+        runs = [r for r in completed if dataset_class(r) is dataset]
         groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for record in runs:
             groups[f"{record['model']} r={record.get('routing_iters')}"].append(record)
@@ -222,14 +248,15 @@ def other_dataset_rows(completed: list[dict[str, Any]], ensembles: list[dict[str
             for key, members in sorted(by_config.items()):
                 variant = variant_labels(sorted(by_config))[key]
                 name = f"{label} ({variant})" if variant else label
-                rows.append([DATASET_NAMES[data], name, _cell(members, "test_error").format(), "", ""])
-        for record in sorted((r for r in ensembles if r.get("data") == data), key=lambda r: r["run_dir"]):
+                rows.append([dataset.title, name, _cell(members, "test_error").format(), "", ""])
+        mine = [r for r in ensembles if dataset_class({"signature": r.get("configuration"), **r}) is dataset]
+        for record in sorted(mine, key=lambda r: r["run_dir"]):
             members = record.get("member_test_errors") or []
             text = f"{100 * record['test_error']:.2f} (ensemble of {record.get('ensemble_size')})"
             if members:
                 text += f"; members {100 * min(members):.2f}–{100 * max(members):.2f}"
-            rows.append([DATASET_NAMES[data], f"{record['model']} ensemble", "", text, ""])
-        rows.append([DATASET_NAMES[data], "paper", "", "", f"{paper}" + (f" ({paper_kind})" if paper_kind else "")])
+            rows.append([dataset.title, f"{record['model']} ensemble", "", text, ""])
+        rows.append([dataset.title, "paper", "", "", f"{paper}" + (f" ({paper_kind})" if paper_kind else "")])
     # the paper's line only under a dataset we have numbers for
     return [row for row in rows if row[1] != "paper" or any(r[0] == row[0] and r[1] != "paper" for r in rows)]
 
@@ -285,7 +312,12 @@ def affnist_rows(table: dict[str, Any]) -> list[list[str]]:
         expanded = table["cells"]["affnist_expanded"].get(row)
         if expanded is None:
             continue
-        paper = PAPER_AFFNIST.get(row[0], ("", "")) if not row[3] else ("", "")
+        papers = AffNISTDataModule.paper
+        paper = (
+            (papers["test_error"].get(row[:3], ""), papers["affnist_error"].get(row[:3], ""))
+            if not row[3]
+            else ("", "")
+        )
         rows.append(
             [
                 " ".join(row_label(row)[:2]).replace(" –", ""),
@@ -358,11 +390,9 @@ def to_markdown(table: dict[str, Any]) -> str:
 
 def paper_value(column: str, row: TableRow) -> float | None:
     """The paper's mean error (percent) for a column and row, or None where it reports none."""
-    paper = {"mnist": PAPER_MNIST, "multimnist": PAPER_MULTIMNIST}.get(column)
-    if column == "affnist_expanded":
-        text = PAPER_AFFNIST.get(row[0], ("", ""))[0] if not row[3] else ""
-    else:
-        text = _paper(row, paper) if paper else ""
+    fields = {column: (cls, field) for cls, fields in TABLE1_COLUMNS.items() for column, field in fields.items()}
+    cls, field_name = fields.get(column, (None, None))
+    text = _paper(row, cls.paper.get(field_name, {})) if cls is not None else ""
     return float(text.split("±")[0]) if text else None
 
 
@@ -430,7 +460,7 @@ def main(argv: list[str] | None = None) -> None:
     except EmptyTableError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    curves = write_curves(table, args.out, curve_label, paper_value)
+    curves = write_curves(table, args.out, curve_label, paper_value, COLUMN_TITLES)
     print(md.read_text())
     print(f"wrote {md}, {csv_path} and {len(curves)} curve PNG(s) from {table['n_runs']} completed runs")
     if args.report:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from capsnet.reporting.figures import write_run_figures
 from capsnet.run.builders import build_datamodule, data_info
 from capsnet.run.module import CapsNetModule, error_metric, top_k_error
-from capsnet.run.record import METRICS_FILE, RECORD_WAY_OUT, git_commit, read_metrics, write_metrics
+from capsnet.run.record import METRICS_FILE, RECORD_WAY_OUT, git_commit, read_metrics, routing_identity, write_metrics
 from capsnet.run.rundir import DamagedFileError, RunDir, load_checkpoint_file, read_json
 from capsnet.run.signature import configuration, differences
 from capsnet.run.training import CHECKPOINT_DIR, collect_test_metrics
@@ -210,8 +210,7 @@ def evaluate_ensemble(cfg: DictConfig, paths: list[Path]) -> dict[str, Any]:
         "kind": "ensemble",
         "model": "+".join(sorted(names)),
         "data": cfg.data.name,
-        "routing_iters": model_cfg.get("routing_iterations"),
-        "recon": model_cfg.get("reconstruction"),
+        **routing_identity(model_cfg),
         # the members' own: the table's --profile keeps the ensemble with its members
         "profile": runs[0].get("profile"),
         "experiment": runs[0].get("experiment"),
@@ -238,15 +237,13 @@ def evaluate_one(cfg: DictConfig, ckpt_path: Path) -> dict[str, Any]:
     module = load_checkpoint(ckpt_path, data_info(datamodule))
     results = trainer.test(module, datamodule=datamodule, verbose=True)
     model_cfg = module.hparams["model"]
-    is_capsnet = "routing_iterations" in model_cfg
     record = {
         "kind": "eval",
         "model": model_cfg["name"],
         "data": cfg.data.name,
-        "routing_iters": model_cfg.get("routing_iterations") if is_capsnet else None,
-        "recon": model_cfg.get("reconstruction") if is_capsnet else None,
+        **routing_identity(model_cfg),
         "checkpoint": str(ckpt_path.resolve()),
-        **collect_test_metrics(results, cfg.data.name),
+        **collect_test_metrics(results, datamodule.record_fields),
         "wall_time_s": round(time.time() - started, 2),
         "git_commit": git_commit(),
         "status": "completed",
@@ -260,6 +257,7 @@ def evaluate_one(cfg: DictConfig, ckpt_path: Path) -> dict[str, Any]:
                 out_dir / "figures",
                 module.task,
                 source=f"checkpoint {ckpt_path}",
+                sample_titles=getattr(datamodule, "sample_titles", None),
             )
             record["figures"] = [p.name for p in figures]
         except Exception as error:  # the test result stands without its pictures

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torchmetrics
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
-from capsnet.nn.losses import as_multi_hot, margin_loss, reconstruction_loss
-from capsnet.nn.models import CapsNet
-from capsnet.nn.routing.dynamic import capsule_lengths
+from capsnet.run.objectives import objective_for
 
 TASKS = ("single", "multi")
 RUN_SIGNATURE_KEY = "capsnet_run_signature"
@@ -28,8 +24,8 @@ class NonFiniteLossError(RuntimeError):
 # Checkpoints written before models were named by ``_target_`` carry only ``name``.
 LEGACY_TARGETS = {"capsnet": "capsnet.nn.models.CapsNet", "baseline": "capsnet.nn.models.paper_baseline"}
 # Checkpoints written before capsnet's subpackages name the flat module paths.
-LEGACY_MODULES = {"capsnet.nn.models.": "capsnet.nn.models."}
-RECORD_ONLY_KEYS = ("name",)  # in the model config for records and the table, not for the class
+LEGACY_MODULES = {"capsnet.models.": "capsnet.nn.models."}
+RECORD_ONLY_KEYS = ("name", "objective")  # model config keys for capsnet, not for the class
 
 
 def build_model(model: dict[str, Any], *, image_size: int, in_channels: int, num_classes: int, task: str) -> nn.Module:
@@ -37,8 +33,8 @@ def build_model(model: dict[str, Any], *, image_size: int, in_channels: int, num
 
     The contract of every model class: keyword arguments ``input_size``, ``in_channels``,
     ``num_classes`` and ``task`` come from the data; every other key of the model config
-    (except ``name``) is the class's own.  CapsNet and its subclasses are trained with the
-    margin and reconstruction losses; any other network's output is taken as class logits.
+    (except ``name`` and ``objective``) is the class's own; the class declares what it is
+    trained to minimise (``objective``: see capsnet.run.objectives).
     """
     kwargs = {k: v for k, v in model.items() if k not in RECORD_ONLY_KEYS}
     kwargs.setdefault("_target_", LEGACY_TARGETS.get(model.get("name", "")))
@@ -121,14 +117,15 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 class CapsNetModule(L.LightningModule):
-    """Trains CapsNet (margin + 0.0005·SSE reconstruction) or a CNN baseline.
+    """Trains any capsnet model with the objective it declares (capsnet.run.objectives).
 
     Args:
         model: model config (``name`` plus the model's own keys).
         data: what the network needs to know about the data (image_size, in_channels,
             num_classes, task).
         loss: m_pos, m_neg, lam, recon_weight, official_scaling, mask_with_label_at_test.
-        optim: lr, decay_rate, decay_steps (lr · rate^(step/decay_steps), every step).
+        optim: ``optimizer`` and ``schedule`` (``_partial_`` configs: conf/optim/), or, in
+            checkpoints written before those were configurable, lr, decay_rate, decay_steps.
         nan_check_every: check the loss for NaN/inf every this many steps (1 = every step;
             larger avoids a host sync per step on a GPU).
         channels_last: run the convolutions in NHWC memory layout.
@@ -160,7 +157,7 @@ class CapsNetModule(L.LightningModule):
             num_classes=data["num_classes"],
             task=self.task,
         )
-        self.is_capsnet = isinstance(self.net, CapsNet)
+        self.objective = objective_for(self.net, model.get("objective"), loss, self.task)
         self.loss_cfg, self.optim_cfg = loss, optim
         self.nan_check_every = nan_check_every
         self.channels_last, self.compile_net = channels_last, compile
@@ -171,9 +168,8 @@ class CapsNetModule(L.LightningModule):
         self.run_signature: dict[str, Any] | None = None  # set by capsnet.run.training, saved in checkpoints
 
     def forward(self, x: Tensor) -> Tensor:
-        """Class scores: capsule lengths for CapsNet, logits for the CNNs."""
-        x = self._layout(x)
-        return self.net(x).lengths if self.is_capsnet else self.net(x)
+        """Class scores: capsule lengths (or activations) for capsule networks, logits for CNNs."""
+        return self.objective.scores(self.net, self._layout(x))
 
     def configure_model(self) -> None:
         """Apply the speed switches once, on the training device."""
@@ -191,49 +187,12 @@ class CapsNetModule(L.LightningModule):
         images = images.to(self.dtype)
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
-    # ---- losses -------------------------------------------------------------------------
-    def _capsnet_losses(self, images: Tensor, labels: Tensor, parts: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
-        cfg = self.loss_cfg
-        poses, _ = self.net.encode(self._layout(images))
-        lengths = capsule_lengths(poses)
-        parts_out = {
-            "margin": margin_loss(
-                lengths,
-                as_multi_hot(labels, lengths.shape[1]),
-                m_pos=cfg["m_pos"],
-                m_neg=cfg["m_neg"],
-                lam=cfg["lam"],
-                official_scaling=cfg["official_scaling"],
-            )
-        }
-        if self.net.decoder is not None:
-            if self.task == "multi":
-                # one reconstruction per present digit, each against that digit's own image
-                recon = sum(
-                    reconstruction_loss(self.net.reconstruct(poses, labels[:, k]), parts[:, k], cfg["recon_weight"])
-                    for k in range(labels.shape[1])
-                )
-            else:
-                use_label = self.training or cfg["mask_with_label_at_test"]
-                mask = labels if use_label else lengths.argmax(dim=1)
-                recon = reconstruction_loss(self.net.reconstruct(poses, mask), images, cfg["recon_weight"])
-            parts_out["recon"] = recon
-        return lengths, parts_out
-
-    def _cnn_losses(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        logits = self.net(self._layout(images))
-        if self.task == "multi":
-            targets = as_multi_hot(labels, logits.shape[1])
-            return logits, {"bce": F.binary_cross_entropy_with_logits(logits.float(), targets)}
-        return logits, {"ce": F.cross_entropy(logits.float(), labels)}
-
     def _step(self, batch: tuple[Tensor, ...], stage: str, errors: torchmetrics.MeanMetric) -> Tensor:
         images, labels = batch[0], batch[1]
         parts = batch[2] if self.task == "multi" else None
-        if self.is_capsnet:
-            scores, loss_parts = self._capsnet_losses(images, labels, parts)
-        else:
-            scores, loss_parts = self._cnn_losses(images, labels)
+        scores, loss_parts = self.objective(
+            self.net, self._layout(images), labels, parts, training=self.training, step=self.global_step
+        )
         loss = sum(loss_parts.values())
         errors.update(top_k_error(scores.detach(), labels))
         on_step = stage == "train"
@@ -315,9 +274,19 @@ class CapsNetModule(L.LightningModule):
             checkpoint[RUN_SIGNATURE_KEY] = self.run_signature
 
     def configure_optimizers(self) -> dict[str, Any]:
+        """``optim.optimizer`` and ``optim.schedule``, both ``_partial_`` configs (conf/optim/);
+        the schedule is stepped every training step."""
         cfg = self.optim_cfg
-        optimizer = torch.optim.Adam(self.parameters(), lr=cfg["lr"])
-        rate, steps = float(cfg["decay_rate"]), float(cfg["decay_steps"])
-        # Continuous exponential decay applied every step: lr · 0.96^(step / 2000).
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: math.pow(rate, step / steps))
+        if "optimizer" not in cfg:  # a checkpoint from before conf/optim/: Adam with the paper's decay
+            cfg = {
+                "optimizer": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": cfg["lr"]},
+                "schedule": {
+                    "_target_": "capsnet.run.schedules.exponential_decay",
+                    "_partial_": True,
+                    "rate": cfg["decay_rate"],
+                    "steps": cfg["decay_steps"],
+                },
+            }
+        optimizer = instantiate(cfg["optimizer"])(self.parameters())
+        scheduler = instantiate(cfg["schedule"])(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

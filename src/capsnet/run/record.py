@@ -67,3 +67,26 @@ def read_metrics(run_dir: Path) -> dict[str, Any] | None:
     """The run's record, or None when there is none; a damaged one raises
     :class:`~capsnet.run.rundir.DamagedFileError` naming the file and the way out."""
     return read_json(Path(run_dir) / METRICS_FILE, RECORD_WAY_OUT)
+
+
+def routing_identity(model: dict[str, Any]) -> dict[str, Any]:
+    """``routing`` (the router's name), ``routing_iters`` and ``recon`` of a model config (as
+    training resolves it, or as a checkpoint keeps it); None where they do not apply (a CNN;
+    a model with its own routing, e.g. efficient_capsnet)."""
+    router = model.get("router")
+    if isinstance(router, dict) and router.get("_target_"):
+        from hydra.utils import get_class
+
+        router_class = get_class(router["_target_"])
+        return {
+            "routing": getattr(router_class, "name", "") or router_class.__name__,
+            "routing_iters": router.get("iters"),
+            "recon": model.get("reconstruction"),
+        }
+    if "routing_iterations" in model:  # checkpoints written before routing was a plug-in
+        return {
+            "routing": "dynamic",
+            "routing_iters": model["routing_iterations"],
+            "recon": model.get("reconstruction"),
+        }
+    return {"routing": None, "routing_iters": None, "recon": model.get("reconstruction")}

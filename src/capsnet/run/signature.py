@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-# Settings that change neither the numbers a run produces nor which batch a step sees.
+# Settings that change neither the numbers a run produces nor which batch a step sees: the
+# one list that keeps them out of both the signature and the run dir's name (a key and
+# everything under it: "logger" covers logger.wandb.offline).
 NOT_RESULT_KEYS = (
     "paths",
     "logger",
@@ -38,7 +40,11 @@ NOT_RESULT_KEYS = (
     "trainer.deterministic",
     "trainer.plugins",
     "data.eval_batch_size",
+    "redundant",
 )
+# Group choices on the command line that say where or how a job runs, not what it computes
+# (their values are in the signature key by key): out of the run dir's name only.
+PLACEMENT_GROUPS = ("trainer", "experiment", "hparams_search")
 # How long to train: a resume may extend a run (more epochs or steps) and stay the same run.
 SCHEDULE_LENGTH_KEYS = ("trainer.max_epochs", "trainer.max_steps", "trainer.max_time")
 # Not part of a table cell's configuration: seeds are what a cell averages over, and the
@@ -57,6 +63,16 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def _dropped(key: str, prefixes: tuple[str, ...]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def override_key(override: str) -> str:
+    """The key of a command-line override: ``+callbacks.x._target_=a.B`` -> ``callbacks.x._target_``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def decides_result(key: str) -> bool:
+    """Whether a command-line override of ``key`` can change what a run computes."""
+    return key not in PLACEMENT_GROUPS and not _dropped(key, NOT_RESULT_KEYS)
 
 
 def run_signature(resolved: dict[str, Any], world_size: int) -> dict[str, Any]:

@@ -25,18 +25,26 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from capsnet.data.mnist import DataError
 from capsnet.nn.models import count_parameters
 from capsnet.reporting.figures import write_run_figures
+from capsnet.run import resolvers
 from capsnet.run.builders import build_datamodule, build_module
 from capsnet.run.callbacks import LastCheckpoint
 from capsnet.run.config_tree import print_config_tree
 from capsnet.run.history import EpochHistory, read_history, summarize
 from capsnet.run.module import RUN_SIGNATURE_KEY
-from capsnet.run.record import git_commit, read_metrics, resolved_config, save_resolved_config, write_metrics
+from capsnet.run.record import (
+    git_commit,
+    read_metrics,
+    resolved_config,
+    routing_identity,
+    save_resolved_config,
+    write_metrics,
+)
 from capsnet.run.rundir import (
     PREVIOUS_LAST,
     AtomicCheckpointIO,
@@ -52,6 +60,9 @@ from capsnet.run.tracking import StepLog, build_loggers, finish_wandb, start_log
 from capsnet.run.validation import ConfigError, check_data_sizes, validate_config
 
 log = logging.getLogger(__name__)
+# A launcher's worker (SLURM through submitit, Ray) unpickles the job and imports this module
+# before Hydra resolves the job's config there: the resolvers must be known by then.
+resolvers.register()
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
@@ -68,22 +79,28 @@ REFUSALS = (ConfigError, DataError, ResumeMismatchError, RunDirBusyError, Damage
 
 def run_identity(cfg: DictConfig) -> dict[str, Any]:
     """The fields that say which cell of the results table a run belongs to."""
-    is_capsnet = "routing_iterations" in cfg.model  # CapsNet and its variants
     return {
         "model": cfg.model.name,
         "data": cfg.data.name,
-        "routing_iters": int(cfg.model.routing_iterations) if is_capsnet else None,
-        "recon": bool(cfg.recon) if is_capsnet else None,
+        **routing_identity(OmegaConf.to_container(cfg.model, resolve=True)),
         "seed": int(cfg.seed),
         "profile": cfg.profile_name,
         "experiment": cfg.experiment_name,
     }
 
 
-def is_redundant_baseline(cfg: DictConfig) -> bool:
-    """The baseline ignores routing.iters and recon, so in a grid over them it trains only
-    in the default cell (r=3, recon on); every other cell would repeat that job."""
-    return cfg.model.name == "baseline" and (int(cfg.routing.iters), bool(cfg.recon)) != (3, True)
+def redundant_reason(cfg: DictConfig) -> str | None:
+    """Why this cell of a sweep's grid would repeat another job, by the experiment's own
+    ``redundant`` rules (e.g. the CNN baseline ignores routing and reconstruction, so in a
+    grid over them it trains in one cell only); None when it must run."""
+    for rule in cfg.get("redundant") or []:
+
+        def matches(conditions: Any) -> bool:
+            return all(OmegaConf.select(cfg, key) == value for key, value in (conditions or {}).items())
+
+        if matches(rule.get("when")) and not matches(rule.get("unless")):
+            return str(rule.get("reason") or f"redundant cell: {OmegaConf.to_container(rule)}")
+    return None
 
 
 def _callbacks(cfg: DictConfig, has_logger: bool) -> dict[str, Callback]:
@@ -320,8 +337,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             log.info("%s already %s; skipping (resume=false to retrain)", run_dir, previous["status"])
             owner.release()
             return previous
-        if is_redundant_baseline(cfg):
-            record = {**identity, "status": "skipped", "error": "baseline trains only in the r=3, recon=true cell"}
+        if (reason := redundant_reason(cfg)) is not None:
+            record = {**identity, "status": "skipped", "error": reason}
             if owner.holds_lock:
                 write_metrics(run_dir, record)
             owner.release()
@@ -391,7 +408,7 @@ def _train_and_test(
         best_path = best_checkpoint(best, ckpt_dir)
         val_examples = trainer.callback_metrics.get("val/examples")
         results = trainer.test(module, datamodule=datamodule, ckpt_path=str(best_path), verbose=False)
-        record.update(collect_test_metrics(results, cfg.data.name))
+        record.update(collect_test_metrics(results, datamodule.record_fields))
         if cfg.figures and trainer.is_global_zero:
             source = f"weights of {best_path.name}" + (", lowest validation error" if best_path.stem == BEST else "")
             try:
@@ -460,7 +477,7 @@ def best_checkpoint(best: ModelCheckpoint | None, ckpt_dir: Path) -> Path:
     return path
 
 
-def collect_test_metrics(results: list[dict[str, float]], data_name: str) -> dict[str, float]:
+def collect_test_metrics(results: list[dict[str, float]], record_fields: dict[str, str]) -> dict[str, float]:
     """Map Lightning's per-loader test results onto metrics.json's keys."""
     merged: dict[str, float] = {}
     for loader_results in results:
@@ -471,14 +488,21 @@ def collect_test_metrics(results: list[dict[str, float]], data_name: str) -> dic
     for key, value in merged.items():
         if key.endswith("_error") and key.startswith("test/") and key != "test/error":
             record[key.removeprefix("test/")] = value
-    if data_name == "multimnist":
-        record["multimnist_error"] = record["test_error"]
+    for field, metric in record_fields.items():  # the dataset's own names for its results
+        record[field] = record[metric]
     return record
 
 
 def _write_figures(module, datamodule, run_dir: Path, trainer: L.Trainer, source: str) -> list[Path]:
     """PNG figures into the run dir; also logged as images when W&B is on."""
-    written = write_run_figures(module.net, datamodule.sample_batches(), run_dir / "figures", module.task, source)
+    written = write_run_figures(
+        module.net,
+        datamodule.sample_batches(),
+        run_dir / "figures",
+        module.task,
+        source,
+        sample_titles=getattr(datamodule, "sample_titles", None),
+    )
     for logger in trainer.loggers:
         if hasattr(logger, "log_image"):
             pngs = [p for p in written if p.suffix == ".png"]

@@ -6,7 +6,6 @@ compose time; this adds the value checks it cannot express, each naming the key.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 from typing import Any
@@ -14,68 +13,8 @@ from typing import Any
 from hydra.utils import get_class, get_method
 from omegaconf import DictConfig, OmegaConf
 
-PROFILES = ("smoke", "demo", "fast", "paper")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MATMUL_PRECISIONS = ("highest", "high", "medium")
-MAX_RUN_NAME = 200  # file systems allow 255 bytes per path component
-
-
-def run_name(override_dirname: str) -> str:
-    """A run's dir name: its command-line overrides, or ``defaults`` when there are none, so
-    the plain command's run never lands in the parent dir of every other run.  A ``/`` in a
-    value (``ckpt_path=outputs/.../best.ckpt``) becomes ``_`` and quotes are dropped: one
-    run, one dir level.  A
-    name too long for a file system (an Optuna trial's many float overrides) keeps its
-    first 120 characters and a hash of the whole, so it stays a pure function of the command."""
-    name = override_dirname.replace("/", "_").replace("'", "").replace('"', "") or "defaults"
-    if len(name) > MAX_RUN_NAME:
-        name = f"{name[:120]}...{hashlib.sha256(name.encode()).hexdigest()[:12]}"
-    return name
-
-
-def sqlite_beside(folder: str, filename: str) -> str:
-    """An SQLite URL for ``folder/filename``, creating the folder: Optuna opens its study
-    storage before Hydra makes the sweep dir."""
-    path = Path(folder).expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path / filename}"
-
-
-NATIVE_BF16_CAPABILITY = (8, 0)  # Ampere (A100, RTX 30xx) and later: bf16 tensor cores
-
-
-def fast_precision(accelerator: str) -> str:
-    """The ``fast`` profile's precision: bf16-mixed where the job runs on a CUDA GPU with
-    native bf16, compute capability >= 8.0 (same accuracy as float32 at equal steps,
-    measured on two seeds: see README), float32 everywhere else.  ``is_bf16_supported()``
-    is no test: it is true on a V100 or T4 too, which only emulate bf16, far slower than
-    float32.  Never decided by a CPU, whose bf16 speed varies by model."""
-    import torch
-
-    if accelerator == "cpu" or not torch.cuda.is_available():
-        return "32-true"
-    native = tuple(torch.cuda.get_device_capability()) >= NATIVE_BF16_CAPABILITY
-    return "bf16-mixed" if native else "32-true"
-
-
-def trials_per_batch(launcher: str, jobs_per_gpu: int, declared_gpus: int | None = None) -> int:
-    """``hparams_search``'s trials launched together (``hydra.sweeper.n_jobs``): what the
-    launcher runs at once.  ``hydra/launcher=ray_gpus``: every GPU (Ray's declared
-    ``num_gpus`` when given, else those torch sees on this machine) times ``jobs_per_gpu``;
-    any other launcher (the basic one runs jobs one after another): 1."""
-    if not str(launcher).endswith("RayGpuLauncher"):
-        return 1
-    if declared_gpus is None:
-        import torch
-
-        declared_gpus = torch.cuda.device_count()
-    return max(1, int(declared_gpus)) * int(jobs_per_gpu)
-
-
-OmegaConf.register_new_resolver("capsnet.run_name", run_name, replace=True)
-OmegaConf.register_new_resolver("capsnet.trials_per_batch", trials_per_batch, replace=True)
-OmegaConf.register_new_resolver("capsnet.fast_precision", fast_precision, replace=True)
-OmegaConf.register_new_resolver("capsnet.sqlite_beside", sqlite_beside, replace=True)
 
 
 class ConfigError(ValueError):
@@ -138,8 +77,7 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 # The keys each of capsnet's own nodes may hold (a `+key=value` that no code reads would be
 # silently ignored: refused instead, naming the allowed ones).
 KNOWN_KEYS = {
-    "routing": {"iters", "leaky"},
-    "optim": {"lr", "decay_rate", "decay_steps"},
+    "optim": {"lr", "decay_rate", "decay_steps", "optimizer", "schedule"},
     "loss": {"m_pos", "m_neg", "lam", "recon_weight", "official_scaling", "mask_with_label_at_test"},
     "perf": {"channels_last", "compile", "matmul_precision"},
     "checkpoint": {"every_n_steps"},
@@ -148,10 +86,11 @@ KNOWN_KEYS = {
 ROOT_KEYS = {
     "routing", "recon", "seed", "experiment_name", "tags", "ckpt_path", "profile_name", "resume", "deterministic",
     "paths", "optim", "loss", "perf", "checkpoint", "figures", "nan_check_every", "model", "data", "trainer",
-    "logger", "callbacks", "hydra",
+    "logger", "callbacks", "hydra", "redundant",
 }  # fmt: skip
 DATA_RECORD_KEYS = {"_target_", "name", "lr_decay_steps"}
-MODEL_RECORD_KEYS = {"_target_", "name"}
+MODEL_RECORD_KEYS = {"_target_", "name", "objective"}
+PARTIAL_KEYS = {"_target_", "_partial_"}
 
 
 def _number(
@@ -212,15 +151,22 @@ def _accepted_keywords(target: str) -> set[str] | None:
 
 def _class_keys(cfg: DictConfig, group: str, record_keys: set[str], given: set[str]) -> None:
     """Every key of a ``_target_`` node must be an argument of its class (or a record key)."""
-    accepted = _accepted_keywords(str(cfg[group]._target_))
+    node = OmegaConf.select(cfg, group)
+    target = node.get("_target_")
+    try:
+        accepted = _accepted_keywords(str(target))
+    except Exception as error:  # not importable: one message naming the key
+        raise ConfigError(
+            f"{group}._target_", target, f"must be the import path of a class or function ({error})"
+        ) from error
     if accepted is None:
         return
-    unknown = sorted(set(cfg[group].keys()) - record_keys - accepted - given)
+    unknown = sorted(set(node.keys()) - record_keys - accepted - given)
     if unknown:
         raise ConfigError(
             f"{group}.{unknown[0]}",
-            cfg[group][unknown[0]],
-            f"{cfg[group]._target_} takes no such argument; it takes {', '.join(sorted(accepted - given))}",
+            node[unknown[0]],
+            f"{target} takes no such argument; it takes {', '.join(sorted(accepted - given))}",
         )
 
 
@@ -268,11 +214,7 @@ def _trainer(cfg: DictConfig) -> None:
             _positive_int(cfg, f"trainer.{key}")
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` for the first invalid value in ``cfg``, before any work."""
-    _known_keys(cfg, "", ROOT_KEYS)
-    for node, allowed in KNOWN_KEYS.items():
-        _known_keys(cfg, node, allowed)
+def _check_iters(cfg: DictConfig) -> None:
     _positive_int(cfg, "routing.iters")
     if cfg.routing.iters > MAX_ROUTING_ITERS:
         raise ConfigError(
@@ -282,7 +224,21 @@ def validate_config(cfg: DictConfig) -> None:
             f"(59 MB per iteration at batch 128 on the 40×40 model), and {MAX_ROUTING_ITERS} iterations already "
             f"take about 6 GB of a 16 GB GPU (the paper uses 1 and 3)",
         )
-    _boolean(cfg, "routing.leaky")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` for the first invalid value in ``cfg``, before any work."""
+    _known_keys(cfg, "", ROOT_KEYS)
+    for node, allowed in KNOWN_KEYS.items():
+        _known_keys(cfg, node, allowed)
+    if "iters" in cfg.routing:
+        _check_iters(cfg)
+
+    _class_keys(cfg, "routing", PARTIAL_KEYS, given={"in_caps", "out_caps", "in_dim", "out_dim"})
+    _class_keys(cfg, "optim.optimizer", PARTIAL_KEYS, given={"params"})
+    _class_keys(cfg, "optim.schedule", PARTIAL_KEYS, given={"optimizer"})
+    if "leaky" in cfg.routing:
+        _boolean(cfg, "routing.leaky")
     if not isinstance(cfg.recon, bool):
         raise ConfigError("recon", cfg.recon, "must be a boolean: true or false")
     name = cfg.get("experiment_name")
@@ -292,8 +248,8 @@ def validate_config(cfg: DictConfig) -> None:
     _check_target(cfg, "data", callable_ok=False)
     _class_keys(cfg, "model", MODEL_RECORD_KEYS, given={"input_size", "in_channels", "num_classes", "task"})
     _class_keys(cfg, "data", DATA_RECORD_KEYS, given={"data_dir", "seed"})
-    if cfg.profile_name not in PROFILES:
-        raise ConfigError("profile_name", cfg.profile_name, f"must be one of {', '.join(PROFILES)}")
+    if not isinstance(cfg.profile_name, str) or not cfg.profile_name:
+        raise ConfigError("profile_name", cfg.profile_name, "must name the profile (each conf/profile/*.yaml sets it)")
     for key in (
         "data.batch_size",
         "data.eval_batch_size",
@@ -319,6 +275,8 @@ def validate_config(cfg: DictConfig) -> None:
     if ckpt_path is not None and not Path(str(ckpt_path)).is_file():
         raise ConfigError("ckpt_path", ckpt_path, "no such file: give a capsnet .ckpt to start from (or null)")
     _number(cfg, "optim.lr", low=0, low_open=True, allowed="must be a finite positive number, e.g. 0.001")
+    if "lr" in cfg.optim.optimizer:
+        _number(cfg, "optim.optimizer.lr", low=0, low_open=True, allowed="must be a finite positive number")
     _number(cfg, "optim.decay_rate", low=0, high=1, low_open=True, allowed="must be a number in (0, 1]")
     m_neg = _number(cfg, "loss.m_neg", low=0, high=1, allowed="must be a number in [0, 1), below loss.m_pos")
     m_pos = _number(cfg, "loss.m_pos", low=0, high=1, allowed="must be a number in (0, 1], above loss.m_neg")
@@ -370,7 +328,7 @@ def check_data_sizes(cfg: DictConfig, datamodule: Any) -> None:
         )
 
 
-EVAL_ROOT_KEYS = {"ckpt_path", "seed", "experiment_name", "routing", "recon", "paths", "deterministic", "figures",
+EVAL_ROOT_KEYS = {"ckpt_path", "seed", "experiment_name", "paths", "deterministic", "figures", "ensemble",
                   "data", "trainer", "logger", "hydra"}  # fmt: skip
 
 

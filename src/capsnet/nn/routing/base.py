@@ -36,9 +36,13 @@ class Router(nn.Module):
     the router passes them) plus their own settings (iterations, ...), which come from the
     router's config.  A router may hold parameters of its own (priors, a layer norm, ...).
 
-    Class attributes say what the shared router test may check:
+    Class attributes say what the model and the shared router test may rely on:
+        name: the router's name in records and the results table (``routing=<name>``).
         couplings_sum_to_one: each child's couplings are a distribution over the parents.
         needs_inputs: ``forward`` needs the child capsules themselves, not only their votes.
+        takes_parent_bias: ``forward`` takes ``bias`` [J, D], added to each parent's sum
+            (the official code's digit-capsule bias).
+        iterative: ``forward`` takes ``iterations``, to route with another count than ``iters``.
 
     Args:
         in_caps: I, the number of child capsules.
@@ -47,8 +51,11 @@ class Router(nn.Module):
         out_dim: the parents' (and the votes') dimension.
     """
 
+    name: str = ""
     couplings_sum_to_one: bool = True
     needs_inputs: bool = False
+    takes_parent_bias: bool = False
+    iterative: bool = False
 
     def __init__(self, *, in_caps: int, out_caps: int, in_dim: int, out_dim: int) -> None:
         super().__init__()

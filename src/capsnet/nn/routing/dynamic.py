@@ -1,4 +1,4 @@
-"""The squash non-linearity (Eq. 1) and routing-by-agreement (Procedure 1).
+"""Routing-by-agreement (Sabour et al. 2017, Procedure 1), as a function and as a Router.
 
 Pure torch: nothing here knows about Lightning or Hydra.
 """
@@ -8,32 +8,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-SQUASH_EPS = 1e-8
+from capsnet.nn.routing.base import Routed, Router
+from capsnet.nn.routing.squash import SQUASH_EPS, capsule_lengths, squash
 
-
-def squash(s: Tensor, dim: int = -1, eps: float = SQUASH_EPS) -> Tensor:
-    """Shrink a vector to length ``|s|^2 / (1 + |s|^2)`` keeping its direction (Eq. 1).
-
-    ``eps`` sits inside the square root so the gradient stays finite at ``s = 0``; the
-    plain ``s / |s|`` gives NaN gradients there.
-
-    Shapes:
-        s: [..., D] (capsule dimension at ``dim``) -> same shape.
-    """
-    norm_sq = s.pow(2).sum(dim=dim, keepdim=True)
-    scale = norm_sq / (1.0 + norm_sq) / torch.sqrt(norm_sq + _representable(eps, s.dtype))
-    return scale * s
-
-
-def capsule_lengths(v: Tensor, dim: int = -1, eps: float = SQUASH_EPS) -> Tensor:
-    """Length of each capsule (the class probability in the paper), safe at zero."""
-    return torch.sqrt(v.pow(2).sum(dim=dim) + _representable(eps, v.dtype))
-
-
-def _representable(eps: float, dtype: torch.dtype) -> float:
-    """``eps``, raised to the smallest normal number of ``dtype`` where it would round to 0
-    (1e-8 is 0 in float16, which would bring back the NaN gradient at s = 0)."""
-    return max(eps, torch.finfo(dtype).tiny) if dtype.is_floating_point else eps
+__all__ = ["SQUASH_EPS", "DynamicRouting", "capsule_lengths", "dynamic_routing", "squash"]
 
 
 def _leaky_softmax(logits: Tensor) -> Tensor:
@@ -89,3 +67,53 @@ def dynamic_routing(
             agreement = torch.matmul(u_agree, v_agree.unsqueeze(-1)).squeeze(-1)  # (B, J, I)
             logits = logits + agreement
     return v, coupling.transpose(1, 2)
+
+
+class DynamicRouting(Router):
+    """Procedure 1 (``routing=dynamic``): ``iters`` rounds of routing by agreement.
+
+    Args:
+        in_caps, out_caps, in_dim, out_dim: see :class:`Router`.
+        iters: r >= 1 routing iterations (the paper: 1 and 3; r = 1 is uniform coupling).
+        leaky: the official code's leaky routing (§7's "none-of-the-above" category).
+        detach_agreement: no gradient through the logit updates (later work; not the paper's).
+    """
+
+    name = "dynamic"
+    iterative = True
+    takes_parent_bias = True  # the official code's per-parent bias, added before each squash
+
+    def __init__(
+        self,
+        *,
+        in_caps: int,
+        out_caps: int,
+        in_dim: int,
+        out_dim: int,
+        iters: int = 3,
+        leaky: bool = False,
+        detach_agreement: bool = False,
+    ) -> None:
+        super().__init__(in_caps=in_caps, out_caps=out_caps, in_dim=in_dim, out_dim=out_dim)
+        if iters < 1:
+            raise ValueError(f"routing iterations must be >= 1, got {iters}")
+        self.iters, self.leaky, self.detach_agreement = iters, leaky, detach_agreement
+        self.couplings_sum_to_one = not leaky  # the leaked share is dropped
+
+    def forward(
+        self, votes: Tensor, inputs: Tensor | None = None, *, bias: Tensor | None = None, iterations: int | None = None
+    ) -> Routed:
+        """Shapes: votes [B, I, J, D] -> poses [B, J, D], couplings [B, I, J]; ``bias`` [J, D].
+
+        ``iterations`` overrides ``iters`` for this call (the routing-convergence figure)."""
+        v, c = dynamic_routing(
+            votes,
+            self.iters if iterations is None else iterations,
+            bias=bias,
+            detach_agreement=self.detach_agreement,
+            leaky=self.leaky,
+        )
+        return Routed(v, c)
+
+    def extra_repr(self) -> str:
+        return f"iters={self.iters}, leaky={self.leaky}, detach_agreement={self.detach_agreement}"

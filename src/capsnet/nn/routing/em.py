@@ -334,6 +334,7 @@ class EMRouter(Router):
     ``beta_a_init`` start β_u and β_a.
     """
 
+    name = "em"
     couplings_sum_to_one = True
     needs_inputs = True
 
@@ -344,7 +345,7 @@ class EMRouter(Router):
         out_caps: int,
         in_dim: int,
         out_dim: int,
-        iterations: int = 3,
+        iters: int = 3,
         final_lambda: float = OFFICIAL_FINAL_LAMBDA / 4,
         lambda_growth: float = OFFICIAL_LAMBDA_GROWTH,
         min_var: float = OFFICIAL_MIN_VAR,
@@ -358,13 +359,13 @@ class EMRouter(Router):
         beta_a_init: float = 1.0,
     ) -> None:
         super().__init__(in_caps=in_caps, out_caps=out_caps, in_dim=in_dim, out_dim=out_dim)
-        if iterations < 1:
-            raise ValueError(f"EM routing: iterations must be >= 1, got {iterations}")
+        if iters < 1:
+            raise ValueError(f"EM routing: iterations must be >= 1, got {iters}")
         if cost not in COSTS:
             raise ValueError(f"EM routing: cost must be one of {COSTS}, got {cost!r}")
         if normalisation not in NORMALISATIONS:
             raise ValueError(f"EM routing: normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
-        self.iterations, self.final_lambda, self.lambda_growth = iterations, final_lambda, lambda_growth
+        self.iters, self.final_lambda, self.lambda_growth = iters, final_lambda, lambda_growth
         self.min_var, self.mass_eps, self.center_momentum = min_var, mass_eps, center_momentum
         self.activation_scale, self.cost, self.normalisation = activation_scale, cost, normalisation
         self.posterior_eps = posterior_eps
@@ -378,7 +379,7 @@ class EMRouter(Router):
             activations,
             self.beta_u.to(votes.dtype),
             self.beta_a.to(votes.dtype),
-            iterations=self.iterations,
+            iterations=self.iters,
             final_lambda=self.final_lambda,
             lambda_growth=self.lambda_growth,
             min_var=self.min_var,
@@ -406,7 +407,7 @@ class EMRouter(Router):
 
     def extra_repr(self) -> str:
         return (
-            f"in_caps={self.in_caps}, out_caps={self.out_caps}, iterations={self.iterations}, "
+            f"in_caps={self.in_caps}, out_caps={self.out_caps}, iters={self.iters}, "
             f"final_lambda={self.final_lambda}, cost={self.cost!r}, normalisation={self.normalisation!r}"
         )
 

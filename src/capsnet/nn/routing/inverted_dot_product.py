@@ -70,6 +70,7 @@ class InvertedDotProductRouting(Router):
     Parameters: the layer norm's weight and bias, [out_dim] each.
     """
 
+    name = "inverted_dot_product"
     couplings_sum_to_one = True
     needs_inputs = False
 

@@ -46,6 +46,7 @@ class SelfAttentionRouting(Router):
     applied to the votes, c_ij + B_ij.
     """
 
+    name = "self_attention"
     couplings_sum_to_one = False
 
     def __init__(

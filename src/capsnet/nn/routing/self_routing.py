@@ -55,6 +55,7 @@ class SelfRouting(Router):
         weight: [in_caps, out_caps, in_dim]; bias: [in_caps, out_caps].
     """
 
+    name = "self_routing"
     couplings_sum_to_one = True
     needs_inputs = True
 

@@ -27,6 +27,7 @@ class UniformRouting(Router):
             :class:`~capsnet.nn.routing.self_attention.SelfAttentionRouting` on equal terms).
     """
 
+    name = "uniform"
     couplings_sum_to_one = True
 
     def __init__(self, *, in_caps: int, out_caps: int, in_dim: int, out_dim: int, squash: str = "hinton") -> None:
