@@ -17,6 +17,12 @@ class PrimaryCaps(nn.Module):
     """A 9×9 stride-2 convolution whose channels are cut into 8-D capsules, then squashed.
 
     No ReLU: the squash is the non-linearity (§4).
+
+    Args:
+        scale: multiplies the convolution before its bias.  1 is the paper's plain
+            convolution; the official code's primary capsules are a routing layer with one
+            input capsule, whose uniform coupling 1/32 (1/33 with leaky routing) scales the
+            convolution, so for the same Adam rate its kernel moves about 32× less per step.
     """
 
     def __init__(
@@ -27,15 +33,21 @@ class PrimaryCaps(nn.Module):
         capsule_dim: int = 8,
         kernel_size: int = 9,
         stride: int = 2,
+        scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.capsule_types = capsule_types
         self.capsule_dim = capsule_dim
+        self.scale = scale
         self.conv = nn.Conv2d(in_channels, capsule_types * capsule_dim, kernel_size=kernel_size, stride=stride)
 
     def forward(self, features: Tensor) -> Tensor:
         """Shapes: features [B, C, H, W] -> capsules [B, types*H'*W', capsule_dim]."""
-        out = self.conv(features)
+        if self.scale == 1.0:
+            out = self.conv(features)
+        else:  # (W * x) · scale + b, the official code's order
+            out = self.conv._conv_forward(features, self.conv.weight, None) * self.scale
+            out = out + self.conv.bias.view(1, -1, 1, 1)
         capsules = rearrange(out, "b (n d) h w -> b (n h w) d", n=self.capsule_types)
         return squash(capsules)
 

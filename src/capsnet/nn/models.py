@@ -14,6 +14,10 @@ from capsnet.nn.routing.dynamic import DynamicRouting
 from capsnet.nn.routing.squash import capsule_lengths
 
 
+INITS = ("paper", "official")  # see CapsNet: torch's defaults and N(0, weight_std) for W; the official code's
+PRIMARY_SCALES = ("paper", "official")  # a plain convolution; the official 1/32 (1/33 leaky) coupling
+
+
 class CapsNetOutput(NamedTuple):
     """What CapsNet returns. ``reconstructions`` is None when the decoder is off."""
 
@@ -39,6 +43,12 @@ class CapsNet(nn.Module):
     Every capsnet model takes ``input_size``, ``in_channels``, ``num_classes`` and ``task``
     from the data (see capsnet.run.module.build_model); CapsNet reads single- and multi-label
     tasks alike from capsule lengths, so ``task`` changes nothing here.
+
+    Two switches follow the authors' TensorFlow code where the paper is silent:
+    ``init="official"`` (truncated N(0, 0.1) conv and W_ij weights, biases 0.1, a
+    Glorot-uniform decoder; the default "paper" keeps torch's layer defaults and
+    N(0, ``weight_std``) for W_ij) and ``primary_scale="official"`` (the primary
+    convolution scaled by 1/32 before its bias, 1/33 with leaky routing).
     """
 
     objective = "capsule"  # margin + reconstruction losses (capsnet.run.objectives)
@@ -59,6 +69,8 @@ class CapsNet(nn.Module):
         primary_dim: int = 8,
         digit_dim: int = 16,
         decoder_output: str = "sigmoid",
+        init: str = "paper",
+        primary_scale: str = "paper",
         routing_iterations: int | None = None,
         leaky_routing: bool | None = None,
         detach_agreement: bool | None = None,
@@ -78,8 +90,14 @@ class CapsNet(nn.Module):
         self.input_size = input_size
         self.num_classes = num_classes
         self.conv1 = nn.Sequential(nn.Conv2d(in_channels, conv1_channels, kernel_size=9), nn.ReLU(inplace=True))
+        if primary_scale not in PRIMARY_SCALES:
+            raise ValueError(f"primary_scale must be one of {PRIMARY_SCALES}, got {primary_scale!r}")
+        leaky = bool(getattr(router, "keywords", {}).get("leaky", False))
         self.primary_caps = PrimaryCaps(
-            in_channels=conv1_channels, capsule_types=primary_types, capsule_dim=primary_dim
+            in_channels=conv1_channels,
+            capsule_types=primary_types,
+            capsule_dim=primary_dim,
+            scale=1.0 / (primary_types + leaky) if primary_scale == "official" else 1.0,
         )
         self.num_primary_capsules = primary_types * primary_size * primary_size
         self.digit_caps = DigitCaps(
@@ -101,6 +119,26 @@ class CapsNet(nn.Module):
             if reconstruction
             else None
         )
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if init == "official":
+            self._official_init()
+
+    def _official_init(self) -> None:
+        """The official code's initialisation (``variables.weight_variable``/``bias_variable``
+        and ``tf.contrib.layers.fully_connected``'s defaults): conv1, primary-capsule and
+        W_ij weights from a normal of stddev 0.1 truncated at two stddevs, their biases 0.1
+        (the digit-capsule bias too); decoder weights Glorot-uniform, its biases 0."""
+        for weight in (self.conv1[0].weight, self.primary_caps.conv.weight, self.digit_caps.weight):
+            nn.init.trunc_normal_(weight, mean=0.0, std=0.1, a=-0.2, b=0.2)
+        for bias in (self.conv1[0].bias, self.primary_caps.conv.bias, self.digit_caps.bias):
+            if bias is not None:
+                nn.init.constant_(bias, 0.1)
+        if self.decoder is not None:
+            for layer in self.decoder.net:
+                if isinstance(layer, nn.Linear):
+                    nn.init.xavier_uniform_(layer.weight)
+                    nn.init.zeros_(layer.bias)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Shapes: x [B, C, H, W] -> (poses [B, K, D], coupling [B, I, K] or None)."""
