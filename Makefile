@@ -18,7 +18,7 @@ WANDB ?=
 DETACH ?=
 
 REPORT_DIRS ?= $(addprefix multirun/,$(EXPERIMENTS))
-.PHONY: install train test test-engines slurm-start slurm-stop test-slow test-gpu lint format bench reproduce-table reproduce-cifar10 report clean
+.PHONY: install train test test-engines slurm-start slurm-stop test-slow test-gpu lint format bench reproduce-table reproduce-routing reproduce-cifar10 report clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -67,8 +67,12 @@ test-slow: install
 test-gpu: install
 	$(PY) -m pytest -q -m gpu -rP
 
+# Speed in one process each: capsnet's CapsNet against a plain PyTorch one (bench/throughput.py),
+# then every router and the routing papers' own models (bench/routers.py -> results/bench_routers.json,
+# which the routing-comparison table reads).
 bench: install
 	$(PY) bench/throughput.py $(ARGS)
+	$(PY) bench/routers.py $(ROUTER_ARGS)
 
 # The sweeps of Table 1 (all experiments at once: one queue for every GPU), then the table
 # (results/table1.md, .csv) from what completed; what did not is listed, and the exit status says so.
@@ -78,6 +82,15 @@ reproduce-table: install
 	  echo "reproduce-table: with LAUNCHER=$(LAUNCHER) name the profile: PROFILE=fast or PROFILE=paper" >&2; exit 2; fi
 	@echo "reproduce-table: profile=$(PROFILE), experiments: $(EXPERIMENTS)"
 	$(PY) -m capsnet.run.reproduce --profile $(PROFILE) --experiments $(EXPERIMENTS) \
+	  $(if $(LAUNCHER),--launcher $(LAUNCHER)) --jobs-per-gpu $(JOBS_PER_GPU) $(if $(WANDB),--wandb) \
+	  $(if $(DETACH),--detach) -- $(ARGS)
+
+# The routing zoo: every router on the paper's body, × seeds, on the affNIST protocol (expanded
+# MNIST, tested on it and on the affine set); then the routing-comparison table beside bench_routers.json.
+reproduce-routing: install
+	@if [ -n "$(LAUNCHER)" ] && [ "$(origin PROFILE)" = "file" ]; then \
+	  echo "reproduce-routing: with LAUNCHER=$(LAUNCHER) name the profile: PROFILE=fast or PROFILE=paper" >&2; exit 2; fi
+	$(PY) -m capsnet.run.reproduce --profile $(PROFILE) --experiments routing_zoo --out results/routing \
 	  $(if $(LAUNCHER),--launcher $(LAUNCHER)) --jobs-per-gpu $(JOBS_PER_GPU) $(if $(WANDB),--wandb) \
 	  $(if $(DETACH),--detach) -- $(ARGS)
 

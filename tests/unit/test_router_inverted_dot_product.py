@@ -78,7 +78,9 @@ def reference_routing(
 def make_router(
     children: int = 7, parents: int = 4, dim: int = 6, seed: int = 0, **kwargs
 ) -> InvertedDotProductRouting:
-    """A float64 router whose layer norm is not the identity (random weight and bias)."""
+    """A float64 router whose layer norm is not the identity (random weight and bias); the
+    routing layer alone (no class read-out) unless ``classifier=True``."""
+    kwargs.setdefault("classifier", False)
     router = InvertedDotProductRouting(in_caps=children, out_caps=parents, in_dim=5, out_dim=dim, **kwargs).double()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -242,3 +244,19 @@ def test_config_builds_the_router_with_the_official_defaults() -> None:
     assert router.renorm_eps == 1e-10
     assert router.drop.p == 0.0 and router.layer_norm.eps == 1e-5
     assert router.layer_norm.normalized_shape == (6,)
+
+
+def test_the_class_read_out_is_a_shared_linear_through_a_sigmoid() -> None:
+    """The harness's class scores for this router: sigmoid(w · p_j + b) with one (w, b)
+    shared by every class (the official model's Linear(out_dim, 1)), computed by hand here."""
+    router = make_router(children=7, parents=4, dim=6, iters=2, classifier=True)
+    votes = random_votes(batch=2, children=7, parents=4, dim=6, seed=8).requires_grad_(True)
+    routed = router(votes)
+    w, b = router.classifier.weight[0], router.classifier.bias[0]
+    by_hand = torch.tensor(
+        [[1 / (1 + math.exp(-float(routed.poses[n, j] @ w + b))) for j in range(4)] for n in range(2)],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(routed.activations, by_hand, rtol=1e-12, atol=1e-14)
+    routed.activations.sum().backward()
+    assert router.classifier.weight.grad.abs().sum() > 0 and votes.grad.abs().sum() > 0

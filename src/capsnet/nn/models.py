@@ -13,7 +13,6 @@ from capsnet.nn.routing import Router
 from capsnet.nn.routing.dynamic import DynamicRouting
 from capsnet.nn.routing.squash import capsule_lengths
 
-
 INITS = ("paper", "official")  # see CapsNet: torch's defaults and N(0, weight_std) for W; the official code's
 PRIMARY_SCALES = ("paper", "official")  # a plain convolution; the official 1/32 (1/33 leaky) coupling
 

@@ -227,7 +227,83 @@ def build_table(records: list[dict[str, Any]], profile: str | None = None) -> di
         "n_runs": len(completed),
         "duplicates": duplicates,
         "other": other_dataset_rows(completed, ensembles),
+        "routing": routing_rows(completed),
     }
+
+
+def _routing_config(record: dict[str, Any]) -> str:
+    """A record's configuration without its router's own settings (one row per router)."""
+    signature = record.get("signature") or {}
+    kept = {k: v for k, v in configuration(signature).items() if not k.startswith(("routing.", "model.router."))}
+    return json.dumps(kept, sort_keys=True, default=str) if signature else "not recorded"
+
+
+def routing_rows(completed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The routing comparison: one row per (dataset, model, router, configuration) among runs
+    that name their router, when more than one router was run or any but the paper's."""
+    routed = [r for r in completed if r.get("routing")]
+    if len({r["routing"] for r in routed}) < 2 and {r["routing"] for r in routed} <= {"dynamic"}:
+        return []
+    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for record in routed:
+        title = getattr(dataset_class(record), "title", None) or str(record.get("data"))
+        groups[(title, record["model"], record["routing"], _routing_config(record))].append(record)
+    labels = variant_labels(sorted({key[3] for key in groups}))
+    rows = []
+    for (title, model, routing, config), runs in sorted(groups.items()):
+        rows.append(
+            {
+                "data": title,
+                "model": model,
+                "routing": routing,
+                "variant": labels[config],
+                "iters": sorted({r.get("routing_iters") for r in runs if r.get("routing_iters") is not None}),
+                "test": _cell(runs, "test_error"),
+                "affine": _cell([r for r in runs if r.get("affnist_error") is not None], "affnist_error"),
+                "parameters": runs[0].get("parameters"),
+            }
+        )
+    return rows
+
+
+def routing_markdown(rows: list[dict[str, Any]], bench: dict[str, Any] | None) -> list[str]:
+    """The routing-comparison section, with the speed of each router from ``make bench``
+    (bench/routers.py's JSON, measured in one run on one machine) where given."""
+    measured = (bench or {}).get("rows", {})
+    lines = [
+        "",
+        "## Routing comparison — test error %",
+        "",
+        "Every router on the paper's body (conv1 → primary capsules → class capsules), the same data, "
+        "schedule, loss and budget; mean ± sample std over seeds.",
+    ]
+    if bench:
+        lines.append(
+            f"Speed from `make bench` ({bench.get('device')}; {bench.get('processor')}; batch {bench.get('batch')}, "
+            f"{bench.get('size')}×{bench.get('size')} inputs): measured in one run, on that machine only."
+        )
+    lines += [
+        "",
+        "| data | model | routing | iters | test error | affine-set error | parameters | MFLOPs/image "
+        "| train img/s | inference img/s | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        speed = measured.get(f"routing={row['routing']}", {})
+
+        def number(key: str, scale: float = 1.0, digits: int = 1, speed: dict[str, float] = speed) -> str:
+            return f"{speed[key] / scale:.{digits}f}" if key in speed else ""
+
+        name = row["routing"] + (f" ({row['variant']})" if row["variant"] else "")
+        lines.append(
+            f"| {row['data']} | {row['model']} | {name} | {','.join(map(str, row['iters'])) or '–'} "
+            f"| {row['test'].format()} | {row['affine'].format()} "
+            f"| {row['parameters']:,} | {number('flops_per_image', 1e6)} | {number('train_images_per_s')} "
+            f"| {number('inference_images_per_s')} | {number('peak_memory_mb', digits=0)} |"
+            if row["parameters"] is not None
+            else f"| {row['data']} | {row['model']} | {name} | | {row['test'].format()} | {row['affine'].format()} | | | | | |"
+        )
+    return lines
 
 
 def other_dataset_rows(completed: list[dict[str, Any]], ensembles: list[dict[str, Any]]) -> list[list[str]]:
@@ -330,7 +406,7 @@ def affnist_rows(table: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def to_markdown(table: dict[str, Any]) -> str:
+def to_markdown(table: dict[str, Any], bench: dict[str, Any] | None = None) -> str:
     profiles = ", ".join(table["profiles"]) or "none"
     lines = [f"# Table 1 — test error % (profile: {profiles})", ""]
     if table["profiles"] and set(table["profiles"]) != {"paper"}:
@@ -361,6 +437,8 @@ def to_markdown(table: dict[str, Any]) -> str:
             "|---|---|---|---|---|",
         ]
         lines += ["| " + " | ".join(row) + " |" for row in table["other"]]
+    if table.get("routing"):
+        lines += routing_markdown(table["routing"], bench)
     if table["duplicates"]:
         lines += ["", "## Seeds run twice (counted once)", ""]
         lines += [
@@ -422,14 +500,14 @@ class EmptyTableError(RuntimeError):
     """No completed run was found, and a table already stands where the empty one would go."""
 
 
-def write_outputs(table: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+def write_outputs(table: dict[str, Any], out_dir: Path, bench: dict[str, Any] | None = None) -> tuple[Path, Path]:
     md, csv_path = out_dir / "table1.md", out_dir / "table1.csv"
     if table["n_runs"] == 0 and (md.exists() or csv_path.exists()):
         raise EmptyTableError(
             f"no completed run found, and {md} already holds a table: an empty table is not written over it. "
             "Check the dirs given (a sweep's dir, e.g. multirun/table1) and --profile, or choose another --out."
         )
-    atomic_write_text(md, to_markdown(table))
+    atomic_write_text(md, to_markdown(table, bench))
     columns, rows = table_rows(table)
     numeric_columns, numbers = numeric_rows(table)
     text = io.StringIO()
@@ -450,13 +528,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default=None, help="only runs of this profile")
     parser.add_argument("--wandb", action="store_true", help="also log the table to W&B (offline without a key)")
     parser.add_argument("--report", action="store_true", help="also write <out>/REPORT.md with curves and figures")
+    parser.add_argument(
+        "--bench", type=Path, default=Path("results/bench_routers.json"), help="make bench's router speeds, if present"
+    )
     args = parser.parse_args(argv)
     records = load_records([d for d in args.dirs if d.exists()])
     if args.profile is not None:
         records = [r for r in records if r.get("profile") == args.profile]
     table = build_table(records)
     try:
-        md, csv_path = write_outputs(table, args.out)
+        bench = json.loads(args.bench.read_text()) if args.bench and args.bench.is_file() else None
+        md, csv_path = write_outputs(table, args.out, bench)
     except EmptyTableError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

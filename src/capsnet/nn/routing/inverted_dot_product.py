@@ -66,8 +66,14 @@ class InvertedDotProductRouting(Router):
         dropout: dropout rate on the summed parent poses before each layer norm (the official
             ``dp``, default 0.0).  Only active in training mode.
         layer_norm_eps: the layer norm's eps (PyTorch's default, which the official code uses).
+        classifier: class scores from the official shared ``Linear(out_dim, 1)`` on each
+            parent pose, through a sigmoid (``activations``), so the margin loss has scores in
+            [0, 1]: the layer-normed poses are all about sqrt(out_dim) long, so their lengths
+            say nothing of the class.  (The official model trains the linear's logits with a
+            cross-entropy; the harness keeps one loss for every router.)  False: lengths.
 
-    Parameters: the layer norm's weight and bias, [out_dim] each.
+    Parameters: the layer norm's weight and bias, [out_dim] each; the classifier's
+    [out_dim] weight and bias.
     """
 
     name = "inverted_dot_product"
@@ -86,6 +92,7 @@ class InvertedDotProductRouting(Router):
         renorm_eps: float = OFFICIAL_RENORM_EPS,
         dropout: float = 0.0,
         layer_norm_eps: float = 1e-5,
+        classifier: bool = True,
     ) -> None:
         super().__init__(in_caps=in_caps, out_caps=out_caps, in_dim=in_dim, out_dim=out_dim)
         if iters < 1:
@@ -97,6 +104,7 @@ class InvertedDotProductRouting(Router):
         self.renorm_eps = renorm_eps
         self.layer_norm = nn.LayerNorm(out_dim, eps=layer_norm_eps)
         self.drop = nn.Dropout(dropout)
+        self.classifier = nn.Linear(out_dim, 1) if classifier else None
 
     def extra_repr(self) -> str:
         return (
@@ -131,4 +139,8 @@ class InvertedDotProductRouting(Router):
             if self.renorm_eps:
                 coupling = coupling / (coupling.sum(dim=1, keepdim=True) + self.renorm_eps)
             poses = self._normalise(torch.matmul(coupling.unsqueeze(2), votes_pm).squeeze(2))  # (B, J, D)
-        return Routed(poses=poses, couplings=coupling.transpose(1, 2))  # couplings (B, I, J)
+        activations = None
+        if self.classifier is not None:  # (B, J): one shared linear read-out per parent pose
+            weight, bias = self.classifier.weight.to(poses.dtype), self.classifier.bias.to(poses.dtype)
+            activations = torch.sigmoid(F.linear(poses, weight, bias).squeeze(-1))
+        return Routed(poses=poses, couplings=coupling.transpose(1, 2), activations=activations)  # couplings (B, I, J)
