@@ -210,6 +210,7 @@ class AffNISTDataModule(MNISTDataModule):
 
     def sample_batches(self, count: int = 32) -> dict[str, tuple[Tensor, ...]]:
         """Small CPU batches for figures: expanded-MNIST test digits and the affine set."""
+        count = min(count, len(self.test_set[1]))
         idx = torch.arange(count)
         expanded = self.place_for_eval(self.test_set[0][:count], idx)
         affine = self.real_affnist if self.real_affnist is not None else self.affnist.batch(idx)

@@ -215,6 +215,7 @@ class InMemoryDataModule(L.LightningDataModule):
 
     def sample_batches(self, count: int = 32) -> dict[str, tuple[Tensor, ...]]:
         """Small CPU batches for figures (keys titled by ``sample_titles``)."""
+        count = min(count, len(self.test_set[1]), len(self.train_set[1]))
         idx = torch.arange(count)
         return {
             "test": (self.place(self.test_set[0][:count]), self.test_set[1][:count]),

@@ -159,7 +159,7 @@ class MultiMNISTDataModule(MNISTDataModule):
 
     def sample_batches(self, count: int = 32) -> dict[str, tuple[Tensor, ...]]:
         """Small CPU batches for figures: test composites with their parts."""
-        return {"test": self.sets["test"].batch(torch.arange(count))}
+        return {"test": self.sets["test"].batch(torch.arange(min(count, len(self.sets["test"]))))}
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, ...], dataloader_idx: int) -> tuple[Tensor, Tensor, Tensor]:
         index = batch[0]
