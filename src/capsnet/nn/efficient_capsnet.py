@@ -193,7 +193,8 @@ class EfficientCapsNet(nn.Module):
             size, channels = _conv_out(size, kernel, stride), out_channels
         self.features = nn.Sequential(*layers)  # (B, F, size, size)
         primary_size = _conv_out(size, primary_kernel, primary_stride)
-        assert primary_size >= 1, f"input_size {input_size} is too small for these convolutions"
+        if primary_size < 1:
+            raise ValueError(f"input_size {input_size} is too small for these convolutions (28 or more)")
         primary_numbers = primary_size * primary_size * channels
         assert primary_numbers % primary_dim == 0, f"{primary_numbers} primary outputs do not split into {primary_dim}D"
         self.num_primary_capsules = primary_numbers // primary_dim

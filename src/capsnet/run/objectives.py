@@ -88,6 +88,14 @@ class SpreadObjective(Objective):
     """Matrix capsules with EM routing (Hinton et al. 2018): the spread loss on the class
     activations, its margin rising from 0.2 to 0.9 on the official code's schedule."""
 
+    def __init__(self, loss_cfg: dict[str, Any], task: str) -> None:
+        if task != "single":
+            raise ValueError(
+                "the spread loss takes one label per image: a model trained with it (matrix_capsules_em) "
+                f"cannot train on a dataset with several labels per image (task={task!r}, e.g. data=multimnist)"
+            )
+        super().__init__(loss_cfg, task)
+
     def scores(self, net: nn.Module, images: Tensor) -> Tensor:
         return net(images).lengths
 
