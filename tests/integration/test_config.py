@@ -18,14 +18,14 @@ def _compose(*overrides: str):
 def test_defaults_are_the_paper_model() -> None:
     cfg = _compose()
     assert cfg.model.name == "capsnet" and cfg.data.name == "mnist"
-    assert cfg.model.routing_iterations == 3 and cfg.model.reconstruction is True
+    assert cfg.model.router.iters == 3 and cfg.model.reconstruction is True
     assert cfg.profile_name == "paper" and cfg.trainer.max_steps == 300_000
     assert cfg.optim.lr == 0.001 and cfg.data.batch_size == 128 and cfg.loss.recon_weight == 0.0005
 
 
 def test_root_keys_reach_the_model() -> None:
     cfg = _compose("routing.iters=7", "recon=false")
-    assert cfg.model.routing_iterations == 7 and cfg.model.reconstruction is False
+    assert cfg.model.router.iters == 7 and cfg.model.reconstruction is False
 
 
 @pytest.mark.parametrize(

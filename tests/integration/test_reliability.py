@@ -17,7 +17,7 @@ import torch
 
 from capsnet.data.mnist import MNIST_SHA256, DataError, verify_mnist
 from capsnet.run.evaluation import CheckpointError, load_checkpoint
-from capsnet.run.module import CapsNetModule
+from capsnet.run.objectives import CapsuleObjective
 from capsnet.run.training import run
 from capsnet.run.validation import ConfigError
 from conftest import ROOT, run_cli
@@ -215,15 +215,15 @@ def test_completed_run_is_skipped_when_rerun(make_cfg) -> None:
 
 
 def test_injected_nan_stops_the_run_naming_step_and_parts(make_cfg, monkeypatch) -> None:
-    original = CapsNetModule._capsnet_losses
+    original = CapsuleObjective.__call__
 
-    def poisoned(self, images, labels, parts):
-        lengths, loss_parts = original(self, images, labels, parts)
-        if self.global_step == 2:
+    def poisoned(self, net, images, labels, parts, *, training, step):
+        lengths, loss_parts = original(self, net, images, labels, parts, training=training, step=step)
+        if step == 2:
             loss_parts["recon"] = loss_parts["recon"] * float("nan")
         return lengths, loss_parts
 
-    monkeypatch.setattr(CapsNetModule, "_capsnet_losses", poisoned)
+    monkeypatch.setattr(CapsuleObjective, "__call__", poisoned)
     cfg = make_cfg("trainer.limit_train_batches=4", "data.val_subset=32", "data.test_subset=32")
     record = run(cfg)
     assert record["status"] == "failed"

@@ -42,7 +42,7 @@ def test_table1_declares_the_whole_grid() -> None:
     cifar = _compose("experiment=cifar10")  # §7: 7 members, r=3, leaky routing, 64 primary types
     assert cifar.hydra.sweeper.params.seed == "0,1,2,3,4,5,6" and cifar.hydra.mode.name == "MULTIRUN"
     assert cifar.data.name == "cifar10" and cifar.data.crop_size == 24 and cifar.model.name == "capsnet_cifar10"
-    assert cifar.model.leaky_routing is True and cifar.model.routing_iterations == 3 and cifar.model.primary_types == 64
+    assert cifar.model.router.leaky is True and cifar.model.router.iters == 3 and cifar.model.primary_types == 64
 
 
 def test_launcher_configs_compose() -> None:

@@ -82,6 +82,6 @@ def test_run_dir_holds_the_resolved_config(make_cfg) -> None:
     cfg = make_cfg("routing.iters=5", "trainer.limit_train_batches=1", "data.val_subset=16", "data.test_subset=16")
     run(cfg)
     resolved = OmegaConf.load(Path(cfg.paths.output_dir) / "config_resolved.yaml")
-    assert resolved.model.routing_iterations == 5  # was ${routing.iters}
+    assert resolved.model.router.iters == 5  # was ${routing}
     assert resolved.paths.output_dir == cfg.paths.output_dir
     assert "${" not in OmegaConf.to_yaml(resolved)

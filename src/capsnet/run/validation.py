@@ -226,8 +226,16 @@ def _check_iters(cfg: DictConfig) -> None:
         )
 
 
+def _no_missing_values(cfg: DictConfig, skip: tuple[str, ...] = ("hydra",)) -> None:
+    """A mandatory value (``???`` in a config, e.g. ``data.root``) must be given."""
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith(skip))
+    if missing:
+        raise ConfigError(missing[0], "???", "is mandatory: give it on the command line, e.g. " + f"{missing[0]}=...")
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first invalid value in ``cfg``, before any work."""
+    _no_missing_values(cfg)
     _known_keys(cfg, "", ROOT_KEYS)
     for node, allowed in KNOWN_KEYS.items():
         _known_keys(cfg, node, allowed)
@@ -334,6 +342,7 @@ EVAL_ROOT_KEYS = {"ckpt_path", "seed", "experiment_name", "paths", "deterministi
 
 def validate_eval_config(cfg: DictConfig) -> None:
     """``src/eval.py``'s config, checked like a training run's before any work."""
+    _no_missing_values(cfg)
     _known_keys(cfg, "", EVAL_ROOT_KEYS)
     spec = cfg.get("ckpt_path")
     items = [spec] if isinstance(spec, str) else list(spec) if OmegaConf.is_list(spec) else None
