@@ -18,7 +18,7 @@ WANDB ?=
 DETACH ?=
 
 REPORT_DIRS ?= $(addprefix multirun/,$(EXPERIMENTS))
-.PHONY: install train test test-engines slurm-start slurm-stop test-slow test-gpu lint format bench reproduce-table reproduce-routing reproduce-cifar10 report clean
+.PHONY: install train test test-unit test-docs test-engines slurm-start slurm-stop test-slow test-gpu lint format bench reproduce-table reproduce-routing reproduce-cifar10 report clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ train: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The pure-torch tests: no data, no subprocesses.
+test-unit: install
+	$(PY) -m pytest -q tests/unit
+
+# Every command in README.md and docs/*.md, run at smoke scale (tests/docs/).
+test-docs: install
+	$(PY) -m pytest -q -m docs -rA
 
 # The same checks as .pre-commit-config.yaml; CI runs them before the tests.
 lint: install

@@ -32,7 +32,7 @@ SLURMD_PORT=$((PORT + 1))
 DBD_PORT=$((PORT + 2))
 DB_PORT=$((PORT + 3))
 NODE="$(hostname -s)"
-PARTITION=capsnet
+PARTITION="${CAPSNET_SLURM_PARTITION:-gpu}"  # the name the docs use for a cluster's GPU partition
 START=$(date +%s.%N)
 
 say() { echo "[slurm start] $*" >&2; }
@@ -123,7 +123,9 @@ chmod 400 "$DIR/secret/munge.key"
 [ -f "$DIR/secret/db.pass" ] || (umask 077 && head -c 18 /dev/urandom | base64 | tr -d '/+=' >"$DIR/secret/db.pass")
 DB_PASS="$(cat "$DIR/secret/db.pass")"
 MUNGE_SOCKET=$DIR/munge/munge.socket
-MEM_MB=$(awk '/^MemTotal:/ { printf "%d", $2 / 1024 * 0.9 }' /proc/meminfo)
+# Memory declared like the GPUs: bookkeeping (no cgroups here), large enough that two jobs with
+# conf/hydra/launcher/slurm.yaml's own request (mem_gb: 32, cpus_per_task: 8) run at once.
+MEM_MB="${CAPSNET_SLURM_MEM_MB:-81920}"
 
 cat >"$ETC/slurm.conf" <<EOF
 # Written by scripts/slurm/start.sh: a private one-node cluster in $DIR

@@ -338,3 +338,36 @@ def test_job_at_its_time_limit_is_requeued_and_resumes_to_the_same_result(
         f"\nrequeued {len(attempts) - 1}x (attempt: last step before the cut {cut_at}); "
         f"driver {seconds:.0f} s; attempts {[(r['State'], r['Start'][11:], r['End'][11:]) for r in attempts]}"
     )
+
+
+def test_the_docs_slurm_commands_on_the_cluster(
+    slurm_cluster: dict[str, object], tmp_path: Path, mnist_dir: Path
+) -> None:
+    """The SLURM commands of README.md and docs/, verbatim, on the real cluster (whose GPU
+    partition is called gpu, as the docs' commands say), at smoke scale through the docs
+    workspace's per-user config: each exits 0, and the detached one finishes in the background
+    with every job completed."""
+    from docs_workspace import PAGES, commands, workspace
+
+    wanted = [c for page in PAGES for c in commands(page) if "slurm" in c]
+    assert len(wanted) == 3, wanted
+    work, env = workspace(tmp_path, mnist_dir)
+    env["SLURM_CONF"] = os.environ["SLURM_CONF"]
+    for command in wanted:
+        started = time.time()
+        result = subprocess.run(
+            ["bash", "-c", command], cwd=work, env=env, capture_output=True, text=True, timeout=1800, check=False
+        )
+        assert result.returncode == 0, (
+            f"`{command}` exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
+        if "DETACH=1" in command:
+            (log,) = (work / "multirun").glob("reproduce-*.log")
+            deadline = time.time() + 1500
+            while "reproduce-table:" not in log.read_text() and time.time() < deadline:
+                time.sleep(5)
+            text = log.read_text()
+            assert "table1: every job completed" in text and "multimnist: every job completed" in text, text[-3000:]
+        print(f"{command}: {time.time() - started:.0f} s")
+    records = [json.loads(p.read_text()) for p in (work / "multirun").rglob("metrics.json")]
+    assert records and all(r["status"] in ("completed", "skipped") for r in records), records

@@ -50,7 +50,7 @@ def start_local_ray(base: Path) -> tuple[str, dict[str, str]]:
     """A Ray head for the drivers to share (its GPUs are this machine's)."""
     import torch
 
-    env = {**os.environ, "RAY_HEAD_NUM_GPUS": str(torch.cuda.device_count())}
+    env = {"RAY_HEAD_NUM_GPUS": str(torch.cuda.device_count()), **os.environ}  # a value in the environment wins
     result = subprocess.run(
         ["bash", str(ROOT / "scripts" / "ray" / "start_head.sh"), str(base)],
         env=env,

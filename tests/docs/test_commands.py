@@ -1,0 +1,83 @@
+"""Every command in README.md and docs/*.md, run as a user would, at smoke scale.
+
+The commands of each page run in order, in one scratch workspace that looks like the
+checkout (src, tests, bench, scripts, the Makefile and .venv linked in; conf/ copied) so
+that what they write lands there and one command can use what an earlier one made (an
+evaluation reads the checkpoint a training wrote).  They are made small without changing
+their text: the workspace's ``conf/local/default.yaml`` (the per-user config every run
+loads last) shrinks data and steps and narrows every experiment's grid to one cell, so run
+dirs keep the names the page gives them.  Only Ray's declared GPUs are added on the command
+line (this machine has none).
+
+A command that cannot run here is listed below with the test that runs it instead; a new
+command in a page fails this test until it runs or is listed.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from docs_workspace import PAGES, adapted, commands, workspace
+
+pytestmark = pytest.mark.docs
+
+# Commands run elsewhere, with the test that does (checked to exist below).
+ELSEWHERE = {
+    "make test": "CI: .ci/run runs `make test` itself",
+    ". .venv/bin/activate": "setup: every command here runs with .venv/bin first on PATH",
+    'make reproduce-table PROFILE=paper LAUNCHER=slurm ARGS="hydra.launcher.partition=gpu"': (
+        "tests/engines/test_slurm.py::test_the_docs_slurm_commands_on_the_cluster"
+    ),
+    'make reproduce-table PROFILE=paper LAUNCHER=slurm ARGS="hydra.launcher.partition=gpu" DETACH=1': (
+        "tests/engines/test_slurm.py::test_the_docs_slurm_commands_on_the_cluster"
+    ),
+    "python src/train.py experiment=table1 profile=paper hydra/launcher=slurm hydra.launcher.partition=gpu": (
+        "tests/engines/test_slurm.py::test_the_docs_slurm_commands_on_the_cluster"
+    ),
+}
+
+
+def test_every_command_in_the_docs_runs(tmp_path: Path, mnist_dir: Path) -> None:
+    listed = [line for page in PAGES for line in commands(page)]
+    assert listed, "no command found in the docs"
+    for command, where in ELSEWHERE.items():
+        assert command in listed, f"ELSEWHERE names a command no page has any more: {command}"
+        if "::" in where:
+            path, name = where.split("::")
+            assert f"def {name}(" in (ROOT / path).read_text(), f"{where} does not exist"
+    report = []
+    for page in PAGES:
+        work, env = workspace(tmp_path / page.stem, mnist_dir)
+        for command in commands(page):
+            if command in ELSEWHERE:
+                report.append(f"{page.name}: {command}  ->  {ELSEWHERE[command]}")
+                continue
+            started = time.time()
+            result = subprocess.run(
+                ["bash", "-c", adapted(command)],
+                cwd=work,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=1200,
+                check=False,
+            )
+            took = time.time() - started
+            report.append(f"{page.name}: {command}  ->  exit {result.returncode} in {took:.0f} s")
+            assert result.returncode == 0, (
+                f"{page.name}: `{command}` exited {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+            )
+    print("\n".join(report))
+
+
+def test_the_elsewhere_list_is_honest() -> None:
+    """Only commands that need SLURM, CI itself or a shell's own state are run elsewhere."""
+    for command in ELSEWHERE:
+        assert "slurm" in command or command in ("make test", ". .venv/bin/activate"), command
+    assert all(shlex.split(c) for c in ELSEWHERE)
