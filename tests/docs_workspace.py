@@ -53,7 +53,7 @@ def commands(page: Path) -> list[str]:
 
 def workspace(base: Path, mnist_dir: Path) -> tuple[Path, dict[str, str]]:
     work = base / "work"
-    work.mkdir()
+    work.mkdir(parents=True)
     for name in ("src", "tests", "bench", "scripts", "Makefile", "pyproject.toml", ".venv"):
         (work / name).symlink_to(ROOT / name)
     shutil.copytree(ROOT / "conf", work / "conf", ignore=shutil.ignore_patterns("local"))

@@ -43,7 +43,7 @@ ELSEWHERE = {
 }
 
 
-def test_every_command_in_the_docs_runs(tmp_path: Path, mnist_dir: Path) -> None:
+def test_every_command_run_elsewhere_is_run_there() -> None:
     listed = [line for page in PAGES for line in commands(page)]
     assert listed, "no command found in the docs"
     for command, where in ELSEWHERE.items():
@@ -51,28 +51,32 @@ def test_every_command_in_the_docs_runs(tmp_path: Path, mnist_dir: Path) -> None
         if "::" in where:
             path, name = where.split("::")
             assert f"def {name}(" in (ROOT / path).read_text(), f"{where} does not exist"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_command_of_the_page_runs(page: Path, tmp_path: Path, mnist_dir: Path) -> None:
+    """The page's commands in order, in one workspace."""
     report = []
-    for page in PAGES:
-        work, env = workspace(tmp_path / page.stem, mnist_dir)
-        for command in commands(page):
-            if command in ELSEWHERE:
-                report.append(f"{page.name}: {command}  ->  {ELSEWHERE[command]}")
-                continue
-            started = time.time()
-            result = subprocess.run(
-                ["bash", "-c", adapted(command)],
-                cwd=work,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=1200,
-                check=False,
-            )
-            took = time.time() - started
-            report.append(f"{page.name}: {command}  ->  exit {result.returncode} in {took:.0f} s")
-            assert result.returncode == 0, (
-                f"{page.name}: `{command}` exited {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
-            )
+    work, env = workspace(tmp_path, mnist_dir)
+    for command in commands(page):
+        if command in ELSEWHERE:
+            report.append(f"{page.name}: {command}  ->  {ELSEWHERE[command]}")
+            continue
+        started = time.time()
+        result = subprocess.run(
+            ["bash", "-c", adapted(command)],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+            check=False,
+        )
+        took = time.time() - started
+        report.append(f"{page.name}: {command}  ->  exit {result.returncode} in {took:.0f} s")
+        assert result.returncode == 0, (
+            f"{page.name}: `{command}` exited {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+        )
     print("\n".join(report))
 
 
