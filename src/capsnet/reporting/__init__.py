@@ -2,6 +2,7 @@
 the figures of a trained model.
 
 Reads run dirs (metrics.json, history.csv, checkpoints' figures) through capsnet.run's
-record formats, never the CLI; draws with matplotlib.  May import capsnet.nn and
-capsnet.data; the figures module imports nothing of capsnet.run.
+record formats (record, signature, history, rundir; tracking for W&B's online/offline rule),
+never the CLI or the training code; draws with matplotlib.  May import capsnet.nn and
+capsnet.data (each dataset's own facts); the figures module imports nothing of capsnet.run.
 """
