@@ -476,3 +476,148 @@ class DropoutMasks(L.Callback):
         with (self.path / f"rank{trainer.global_rank}.jsonl").open("a") as handle:
             row = {"step": trainer.global_step - 1, **self.batch, "masks": self.masks}
             handle.write(json.dumps(row) + "\n")
+
+
+# ---- the GPU tier (tests/gpu/test_gpu.py) ---------------------------------------------------
+class PrecisionRecord(L.Callback):
+    """Writes to ``path`` (JSON) what a run computed in: the dtype and device of the output of
+    the network's first layer in each phase (``train``, ``val``, ``test``, and ``figures``: any
+    forward pass after the test, which is where the run draws them), the weights' dtype as
+    training and as the figures start, the precision plugin, and (16-mixed) the loss scaler's
+    scale at the end of training (null without a scaler)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.phase = "setup"
+        self.record: dict[str, Any] = {"outputs": {}}
+
+    def _write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.record, indent=1))
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        def seen(module: Any, inputs: Any, output: Any) -> None:
+            if self.phase not in self.record["outputs"]:
+                self.record["outputs"][self.phase] = {"dtype": str(output.dtype), "device": output.device.type}
+                self._write()
+
+        next(pl_module.net.children()).register_forward_hook(seen)
+        self.record["plugin"] = type(trainer.precision_plugin).__name__
+
+    def _weights(self, pl_module: L.LightningModule) -> str:
+        return str(next(pl_module.net.parameters()).dtype)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self.phase = "train"
+        self.record.setdefault("train_weights", self._weights(pl_module))
+
+    def on_validation_batch_start(self, *args: Any) -> None:
+        self.phase = "val"
+
+    def on_test_batch_start(self, *args: Any) -> None:
+        self.phase = "test"
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self.record["loss_scale"] = float(scaler.get_scale()) if scaler is not None else None
+        self._write()
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.phase = "figures"
+        self.record["figures_weights"] = self._weights(pl_module)
+        self._write()
+
+
+class CudaPeakMemory(L.Callback):
+    """Writes to ``path`` (JSON), as training ends: the peak CUDA memory allocated during
+    training (``torch.cuda.max_memory_allocated``, counted from training's start; null on
+    a CPU), the steps trained and their wall-clock seconds."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import time
+
+        import torch
+
+        self.cuda = pl_module.device.type == "cuda"
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self.started = time.perf_counter()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import time
+
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+        record = {
+            "peak_bytes": torch.cuda.max_memory_allocated() if self.cuda else None,
+            "device": torch.cuda.get_device_name() if self.cuda else "cpu",
+            "steps": trainer.global_step,
+            "seconds": time.perf_counter() - self.started,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(record))
+
+
+class MeetOtherJobs(L.Callback):
+    """Shows which jobs of a sweep trained at the same time.  Each job writes
+    ``<folder>/<pid>.json``: its ``CUDA_VISIBLE_DEVICES``, when training started and ended,
+    and, at the start of training step ``step`` (the model on its device, one step done),
+    the memory it held there.  At that step it waits, up to ``timeout`` seconds, until
+    ``jobs`` jobs have reached it; ``met`` says whether they all did.  Jobs that run one
+    after another never meet: the first waits out its timeout alone and ends before the
+    next one starts, so their intervals do not overlap either."""
+
+    def __init__(self, folder: str, jobs: int, step: int = 1, timeout: float = 180.0) -> None:
+        import os
+        import time
+
+        self.folder, self.jobs, self.step, self.timeout = Path(folder), jobs, step, timeout
+        self.record: dict[str, Any] = {
+            "pid": os.getpid(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "created": time.time(),
+        }
+
+    def _write(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{self.record['pid']}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.record))
+        tmp.replace(path)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import time
+
+        self.record.update(start=time.time(), device=str(pl_module.device))
+        self._write()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step != self.step:
+            return
+        import time
+
+        import torch
+
+        cuda = pl_module.device.type == "cuda"
+        self.record.update(
+            arrived=time.time(), memory_bytes=torch.cuda.memory_allocated(pl_module.device) if cuda else None
+        )
+        (self.folder / f"{self.record['pid']}.arrived").parent.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"{self.record['pid']}.arrived").touch()
+        deadline = time.time() + self.timeout
+        while len(list(self.folder.glob("*.arrived"))) < self.jobs and time.time() < deadline:
+            time.sleep(0.1)
+        self.record.update(met=len(list(self.folder.glob("*.arrived"))) >= self.jobs, left=time.time())
+        self._write()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import time
+
+        self.record["end"] = time.time()
+        self._write()

@@ -165,6 +165,7 @@ def save_labelled(
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")
 def write_run_figures(
     net: torch.nn.Module,
     batches: dict[str, tuple[Tensor, ...]],
@@ -179,6 +180,11 @@ def write_run_figures(
 
     ``source`` names the weights (e.g. which checkpoint) in every model figure's title;
     ``sample_titles`` (the dataset's) titles the sample grids.
+
+    Drawn eagerly even when the network's layers are compiled (``perf.compile``): the figures'
+    new batch sizes and ``iterations=1..10`` would each recompile the digit capsules (past
+    dynamo's recompile limit), and they keep outputs of several calls at once, which a
+    CUDA-graph mode (``reduce-overhead``) overwrites between calls.
     """
     written = []
     for name, batch in batches.items():

@@ -26,6 +26,7 @@ LEGACY_TARGETS = {"capsnet": "capsnet.nn.models.CapsNet", "baseline": "capsnet.n
 # Checkpoints written before capsnet's subpackages name the flat module paths.
 LEGACY_MODULES = {"capsnet.models.": "capsnet.nn.models."}
 RECORD_ONLY_KEYS = ("name", "objective")  # model config keys for capsnet, not for the class
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 
 
 def build_model(model: dict[str, Any], *, image_size: int, in_channels: int, num_classes: int, task: str) -> nn.Module:
@@ -179,6 +180,23 @@ class CapsNetModule(L.LightningModule):
             mode = self.compile_net if isinstance(self.compile_net, str) else None
             for child in self.net.children():
                 child.compile(mode=mode)
+
+    def _begin_cuda_graph_step(self) -> None:
+        """Under a CUDA-graph compile mode, each batch is one CUDA-graph step.  Each layer is
+        compiled on its own, and without a backward pending (validation, test) every compiled
+        call would otherwise start a new step and free the previous layer's output, which is
+        this layer's input."""
+        if self.compile_net in CUDA_GRAPH_MODES:
+            torch.compiler.cudagraph_mark_step_begin()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._begin_cuda_graph_step()
+
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._begin_cuda_graph_step()
+
+    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._begin_cuda_graph_step()
 
     def _layout(self, images: Tensor) -> Tensor:
         """Images as the network takes them: in its own dtype (under bf16-true, 16-true or
