@@ -25,11 +25,13 @@ SMALL = [
     "checkpoint.every_n_steps=2",
     "trainer.max_epochs=2",
 ]
-FAIL_AT_3 = ["+callbacks.crash._target_=apps.probes.FailAt", "+callbacks.crash.step=3"]
 
 
-def _unfinished(make_cfg, run_dir: Path) -> dict:
-    record = run(make_cfg(*SMALL, *FAIL_AT_3, output_dir=run_dir))
+def _unfinished(make_cfg, run_dir: Path, step: int = 3) -> dict:
+    """A run that crashed at the start of training step ``step`` (last.ckpt every 2 steps and
+    at the end of epoch 0, step 4: failing at step 5 leaves last.ckpt and last.prev.ckpt)."""
+    crash = ["+callbacks.crash._target_=apps.probes.FailAt", f"+callbacks.crash.step={step}"]
+    record = run(make_cfg(*SMALL, *crash, output_dir=run_dir))
     assert record["status"] == "failed"
     return record
 
@@ -48,8 +50,9 @@ def test_a_truncated_last_checkpoint_is_named_with_the_way_out_and_nothing_is_wr
     make_cfg, tmp_path: Path, mnist_dir: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    _unfinished(make_cfg, run_dir)
+    _unfinished(make_cfg, run_dir, step=5)
     last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.with_name("last.prev.ckpt").is_file()
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 3])
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != "run.lock"}
     with pytest.raises(DamagedFileError, match=r"last\.ckpt is damaged: not a readable checkpoint.*last\.prev\.ckpt"):
@@ -151,7 +154,8 @@ def test_resume_false_moves_the_old_run_aside_so_an_interrupted_retrain_resumes(
     run_dir = tmp_path / "run"
     first = run(make_cfg(*SMALL, output_dir=run_dir))
     assert first["status"] == "completed"
-    retrain = run(make_cfg(*SMALL, *FAIL_AT_3, "resume=false", output_dir=run_dir))
+    crash = ["+callbacks.crash._target_=apps.probes.FailAt", "+callbacks.crash.step=3"]
+    retrain = run(make_cfg(*SMALL, *crash, "resume=false", output_dir=run_dir))
     assert retrain["status"] == "failed"  # the retrain was cut short
     (old,) = (run_dir / SUPERSEDED_DIR).iterdir()
     assert json.loads((old / "metrics.json").read_text()) == json.loads(json.dumps(first))

@@ -250,14 +250,10 @@ def refusing_leaves_no_trace(run_dir: RunDir) -> Iterator[None]:
 
 
 def checkpoint_header(checkpoint: Path) -> tuple[dict[str, Any] | None, int]:
-    """The run signature and global step saved with a checkpoint (memory-mapped: the
-    weights are not read).  A damaged file raises DamagedFileError naming the way out."""
-    try:
-        raw = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as error:  # truncated, zeroed, not a zip: all the same to a user
-        raise DamagedFileError(
-            checkpoint, f"not a readable checkpoint ({type(error).__name__}: {error})", checkpoint_way_out(checkpoint)
-        ) from error
+    """The run signature and global step saved with a checkpoint, read before any work.  A
+    damaged file (truncated, not a zip, or tensors that fail their checksum) raises
+    DamagedFileError naming the way out, so the run is refused rather than failed mid-fit."""
+    raw = load_checkpoint_file(checkpoint)
     if not isinstance(raw, dict) or "global_step" not in raw:
         raise DamagedFileError(checkpoint, "not a Lightning training checkpoint", checkpoint_way_out(checkpoint))
     return raw.get(RUN_SIGNATURE_KEY), int(raw["global_step"])
