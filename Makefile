@@ -18,7 +18,7 @@ WANDB ?=
 DETACH ?=
 
 REPORT_DIRS ?= $(addprefix multirun/,$(EXPERIMENTS))
-.PHONY: install train test test-unit test-docs test-engines slurm-start slurm-stop test-slow test-gpu lint format bench reproduce-table reproduce-routing reproduce-cifar10 report clean
+.PHONY: install train test test-unit test-docs test-faults test-engines slurm-start slurm-stop test-slow test-gpu lint format bench reproduce-table reproduce-routing reproduce-cifar10 report clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,9 +56,15 @@ format: install
 	$(VENV)/bin/ruff check --fix src tests bench
 	$(VENV)/bin/ruff format src tests bench
 
-# The real engines: a Ray head (scripts/ray/) and a single-node SLURM cluster (scripts/slurm/,
-# root; installs Debian's slurm packages when missing).  The tests start and stop both themselves
-# (a cluster already running with SLURM_CONF set is used and left running).
+# Fault injection (tests/faults/): real runs killed at every phase, full and read-only disks,
+# two processes on one run dir, damaged files; each rerun checked against an uninterrupted run.
+test-faults: install
+	$(PY) -m pytest -q -m faults -rP
+
+# The real engines: a local Ray with declared GPUs, gloo DDP in 2 and 3 processes, a Ray head
+# (scripts/ray/) and a single-node SLURM cluster (scripts/slurm/, root; installs Debian's slurm
+# packages when missing).  The tests start and stop the clusters themselves (a SLURM cluster
+# already running with SLURM_CONF set is used and left running).
 SLURM_DIR ?= /tmp/capsnet-slurm
 test-engines: install
 	CAPSNET_SLURM_DIR=$(SLURM_DIR) $(PY) -m pytest -q -m engines -rP

@@ -55,6 +55,30 @@ def make_cfg(tmp_path: Path, mnist_dir: Path) -> Callable[..., DictConfig]:
     return _make
 
 
+@pytest.fixture
+def make_eval_cfg(tmp_path: Path, mnist_dir: Path) -> Callable[..., DictConfig]:
+    """Compose src/eval.py's config (conf/eval.yaml) with ``ckpt_path`` and overrides, as
+    the evaluator's CLI would; outputs go to ``output_dir``."""
+
+    def _make(ckpt_path: str | Path, *overrides: str, output_dir: Path | None = None) -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(
+                config_name="eval",
+                overrides=["trainer=cpu", "logger=none", *overrides],
+                return_hydra_config=True,
+            )
+        HydraConfig().set_config(cfg)
+        with open_dict(cfg):
+            cfg.ckpt_path = str(ckpt_path)
+            cfg.paths.output_dir = str(output_dir or tmp_path / "eval")
+            cfg.paths.data_dir = str(mnist_dir)
+            cfg.trainer.enable_progress_bar = False
+        return cfg
+
+    return _make
+
+
 def run_cli(script: str, *args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess[str]:
     """Run src/<script> in a subprocess, as a user would."""
     # tests/ on the path: runs can load the tests' own callbacks (tests/apps) by _target_.

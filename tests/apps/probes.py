@@ -101,7 +101,7 @@ class WeightsAtStart(L.Callback):
         torch.save({k: v.detach().cpu().clone() for k, v in pl_module.net.state_dict().items()}, self.path)
 
 
-# ---- fault injection (tests/integration/test_faults.py) ------------------------------------
+# ---- fault injection (tests/faults/test_faults.py) ------------------------------------------
 def _die(signum: int = 9) -> None:
     import os
 

@@ -236,7 +236,7 @@ def test_each_dataset_trains_a_few_steps(make_cfg, tmp_path: Path, data: str, mo
     }
 
 
-def test_an_ensemble_averages_capsule_lengths(make_cfg, tmp_path: Path) -> None:
+def test_an_ensemble_averages_capsule_lengths(make_cfg, make_eval_cfg, tmp_path: Path) -> None:
     """Two members trained a few steps; the ensemble's error is recomputed here from the
     members' own test-set scores."""
     tiny = [
@@ -248,9 +248,9 @@ def test_an_ensemble_averages_capsule_lengths(make_cfg, tmp_path: Path) -> None:
     ]
     for seed in (0, 1):
         assert run(make_cfg(*tiny, f"seed={seed}", output_dir=tmp_path / f"m{seed}"))["status"] == "completed"
-    cfg = make_cfg("data.test_subset=64", output_dir=tmp_path / "ensemble")
-    with open_dict(cfg):
-        cfg.ckpt_path = str(tmp_path / "m*" / "checkpoints" / "best.ckpt")
+    cfg = make_eval_cfg(
+        tmp_path / "m*" / "checkpoints" / "best.ckpt", "data.test_subset=64", "figures=false", output_dir=tmp_path / "ensemble"
+    )
     record = evaluate(cfg)
     assert record["kind"] == "ensemble" and record["ensemble_size"] == 2
 
@@ -273,7 +273,9 @@ def test_an_ensemble_averages_capsule_lengths(make_cfg, tmp_path: Path) -> None:
     )
 
 
-def test_the_cifar10_ensemble_takes_completed_runs_of_one_configuration(make_cfg, tmp_path: Path) -> None:
+def test_the_cifar10_ensemble_takes_completed_runs_of_one_configuration(
+    make_cfg, make_eval_cfg, tmp_path: Path
+) -> None:
     """§7's headline number: the ensemble reads each member's run record; runs that failed or
     never finished are left out and listed, runs of another configuration are refused until
     the set is narrowed, and the record carries the members' profile and configuration, so
@@ -318,8 +320,14 @@ def test_the_cifar10_ensemble_takes_completed_runs_of_one_configuration(make_cfg
     assert run(compose("optim.lr=0.002,profile=smoke,seed=4", "seed=4", "optim.lr=0.002"))["status"] == "completed"
     assert len(list(runs.glob("*/checkpoints/best.ckpt"))) == 5
 
-    every = compose("ensemble_all")
-    every.ckpt_path = str(runs / "*" / "checkpoints" / "best.ckpt")  # the Makefile's glob
+    def compose_eval(name: str, ckpt_path: Path):
+        eval_data = ["data=cifar10", "data.verify_checksums=false", "data.val_size=20", "data.eval_batch_size=16"]
+        cfg = make_eval_cfg(ckpt_path, *eval_data, "data.test_subset=null", "figures=false", output_dir=runs / name)
+        with open_dict(cfg):
+            cfg.paths.data_dir = str(tmp_path / "data")
+        return cfg
+
+    every = compose_eval("ensemble_all", runs / "*" / "checkpoints" / "best.ckpt")  # the Makefile's glob
     with pytest.raises(
         CheckpointError, match=r"2 configurations .*optim\.lr: 0\.00[12] -> 0\.00[12].*narrow ckpt_path"
     ):
@@ -330,8 +338,7 @@ def test_the_cifar10_ensemble_takes_completed_runs_of_one_configuration(make_cfg
     with pytest.raises(CheckpointError, match=r"no checkpoint of a completed run.*profile 'smoke', not 'fast'"):
         evaluate(every)
 
-    narrowed = compose("ensemble_smoke")
-    narrowed.ckpt_path = str(runs / "profile=smoke,seed=*" / "checkpoints" / "best.ckpt")
+    narrowed = compose_eval("ensemble_smoke", runs / "profile=smoke,seed=*" / "checkpoints" / "best.ckpt")
     record = evaluate(narrowed)
     assert record["ensemble_size"] == 2 and record["member_seeds"] == [0, 1]
     assert [Path(p).parent.parent.name for p in record["checkpoints"]] == [

@@ -30,7 +30,8 @@ def test_reproduce_table_runs_every_experiment_past_a_refused_job_and_lists_it(t
     args = f"{TINY} seed=0,4294967296 paths.data_dir={mnist_dir}"
     dry = _make("-n", "reproduce-table", "PROFILE=smoke", "EXPERIMENTS=table1 multimnist", f"ARGS={args}")
     assert dry.returncode == 0, dry.stderr
-    (line,) = [line for line in dry.stdout.splitlines() if "-m capsnet.run.reproduce" in line]
+    recipe = dry.stdout.replace("\\\n", " ")  # the recipe's continued lines, joined as the shell does
+    (line,) = [line for line in recipe.splitlines() if "-m capsnet.run.reproduce" in line]
     command = shlex.split(line)
     command[0] = sys.executable
     env = {**os.environ, "WANDB_MODE": "disabled"}

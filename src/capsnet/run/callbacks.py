@@ -31,7 +31,8 @@ class LastCheckpoint(Checkpoint):
     therefore resumes from the step before and validates again.
 
     On a stop signal (:mod:`capsnet.run.signals`) the run stops at the next such point, after
-    saving there; during validation or test it stops at the next batch.
+    saving there; during validation or test it stops at the next batch (under DDP at the end
+    of the evaluation loop).
     """
 
     def __init__(self, dirpath: Path | str, every_n_steps: int, catcher: SignalCatcher | None = None) -> None:
@@ -89,6 +90,11 @@ class LastCheckpoint(Checkpoint):
             raise Interrupted(self.catcher.signum, trainer.global_step, saved=True)
 
     def _check_eval(self, trainer: L.Trainer, *_: Any) -> None:
+        # Under DDP the ranks' evaluation shards may differ by a batch, so a collective per
+        # batch would pair different calls across ranks: the stop waits for the loop's end
+        # (fit: the next training step; test: the handler once the test loop is over).
+        if trainer.world_size > 1:
+            return
         if self._stop_requested(trainer):
             raise Interrupted(self.catcher.signum, trainer.global_step, saved=False)
 

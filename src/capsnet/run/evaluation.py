@@ -119,6 +119,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         owner.acquire()
         validate_eval_config(cfg)
         paths = checkpoint_paths(cfg.ckpt_path)
+        if len(paths) > 1:  # the members are chosen (or the set refused) before any work
+            members = ensemble_members(paths, (cfg.get("ensemble") or {}).get("profile"))
         previous = read_json(owner.path / METRICS_FILE, RECORD_WAY_OUT)
         if previous is not None and previous.get("kind") not in EVAL_KINDS:
             raise CheckpointError(
@@ -132,7 +134,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if previous is not None:
             owner.supersede(keep={".hydra", *(filter(None, [owner.job_log]))})
         if len(paths) > 1:
-            return evaluate_ensemble(cfg, paths)
+            return evaluate_ensemble(cfg, *members)
         return evaluate_one(cfg, paths[0])
     finally:
         owner.release()
@@ -194,12 +196,12 @@ def ensemble_members(
     return members, records, excluded
 
 
-def evaluate_ensemble(cfg: DictConfig, paths: list[Path]) -> dict[str, Any]:
+def evaluate_ensemble(
+    cfg: DictConfig, paths: list[Path], runs: list[dict[str, Any]], excluded: list[dict[str, str]]
+) -> dict[str, Any]:
     """The paper's CIFAR-10 protocol: average the capsule lengths of completed runs of one
-    configuration (see :func:`ensemble_members`)."""
+    configuration (the members and their records from :func:`ensemble_members`)."""
     started = time.time()
-    profile = (cfg.get("ensemble") or {}).get("profile")
-    paths, runs, excluded = ensemble_members(paths, profile)
     datamodule, trainer = _test_setup(cfg)
     members = [load_checkpoint(path, data_info(datamodule)) for path in paths]
     names = {m.hparams["model"]["name"] for m in members}

@@ -91,8 +91,9 @@ def summary_lines(outcomes: list[dict[str, Any]]) -> list[str]:
 
 
 class SweepSummary(Callback):
-    """Hydra callback: at the end of a sweep, print each job's outcome and exit 1 if any
-    job did not complete (or was skipped as already completed)."""
+    """Hydra callback: at the end of a sweep, print each job's outcome; exit 2 if every job
+    was refused before any work (as a refused single run does), else 1 if any job did not
+    complete (or was skipped as already completed)."""
 
     def __init__(self) -> None:
         self.started = time.time()
@@ -105,6 +106,9 @@ class SweepSummary(Callback):
         outcomes = read_outcomes(sweep_dir, since=self.started)
         lines = summary_lines(outcomes)
         print("\n".join(lines), file=sys.stderr)
+        if outcomes and all(o["status"] == "refused" for o in outcomes):
+            print(f"every job was refused before any work: see {sweep_dir / JOBS_DIR}/", file=sys.stderr)
+            raise SystemExit(2)  # as a single refused run: nothing ran
         if any(o["status"] not in DONE for o in outcomes):
             print(
                 f"not every job completed: see {sweep_dir / JOBS_DIR}/; run the same command again to retry them "

@@ -322,11 +322,6 @@ def validate_config(cfg: DictConfig) -> None:
     matmul = cfg.perf.matmul_precision
     if matmul is not None and matmul not in MATMUL_PRECISIONS:
         raise ConfigError("perf.matmul_precision", matmul, f"must be null or one of {', '.join(MATMUL_PRECISIONS)}")
-    subset = cfg.data.get("train_subset")
-    if subset is not None and subset < cfg.data.batch_size:
-        raise ConfigError(
-            "data.train_subset", subset, f"must hold at least one global batch (data.batch_size={cfg.data.batch_size})"
-        )
 
 
 def check_data_sizes(cfg: DictConfig, datamodule: Any) -> None:
@@ -338,16 +333,16 @@ def check_data_sizes(cfg: DictConfig, datamodule: Any) -> None:
         raise ConfigError(
             "data.val_size", val_size, f"must leave training data: the training set has {total:,} examples"
         )
-    train = total - val_size
-    if cfg.data.get("train_subset") is not None:
-        train = min(train, int(cfg.data.train_subset))
-    if int(cfg.data.batch_size) > train:
+    train, batch, subset = total - val_size, int(cfg.data.batch_size), cfg.data.get("train_subset")
+    if batch > train:  # no subset can help: the batch is the value to change
         raise ConfigError(
             "data.batch_size",
-            cfg.data.batch_size,
-            f"is larger than the training set ({train:,} examples after the validation split and subsets): "
+            batch,
+            f"is larger than the training set ({train:,} examples after the validation split): "
             f"no full global batch could be drawn",
         )
+    if subset is not None and int(subset) < batch:
+        raise ConfigError("data.train_subset", subset, f"must hold at least one global batch (data.batch_size={batch})")
 
 
 EVAL_ROOT_KEYS = {"ckpt_path", "seed", "experiment_name", "paths", "deterministic", "figures", "ensemble",

@@ -19,6 +19,8 @@ from conftest import run_cli
 from dataset_files import write_cifar10
 from sync_audit import AUDIT, SyncAudit
 
+pytestmark = pytest.mark.engines
+
 STEADY = range(4, 24)  # ~20 steps after warm-up
 
 

@@ -26,6 +26,8 @@ import torch
 from capsnet.run.rundir import DIGEST_KEY, LOCK_FILE, TMP_MARK, load_checkpoint_file
 from conftest import ROOT
 
+pytestmark = pytest.mark.faults
+
 SHM = Path("/dev/shm")
 ARGS = [
     "profile=smoke",

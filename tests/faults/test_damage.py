@@ -16,6 +16,8 @@ from capsnet.run.rundir import SUPERSEDED_DIR, DamagedFileError, load_checkpoint
 from capsnet.run.training import run
 from conftest import run_cli
 
+pytestmark = pytest.mark.faults
+
 SMALL = [
     "trainer.limit_train_batches=4",
     "data.batch_size=8",

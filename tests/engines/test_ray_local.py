@@ -14,6 +14,8 @@ import pytest
 
 from conftest import ROOT, run_cli
 
+pytestmark = pytest.mark.engines
+
 APP = ROOT / "tests" / "apps" / "timed_job.py"
 RAY_INIT = ["+hydra.launcher.ray.init.num_gpus=2", "+hydra.launcher.ray.init.num_cpus=8"]
 
