@@ -249,7 +249,10 @@ def test_an_ensemble_averages_capsule_lengths(make_cfg, make_eval_cfg, tmp_path:
     for seed in (0, 1):
         assert run(make_cfg(*tiny, f"seed={seed}", output_dir=tmp_path / f"m{seed}"))["status"] == "completed"
     cfg = make_eval_cfg(
-        tmp_path / "m*" / "checkpoints" / "best.ckpt", "data.test_subset=64", "figures=false", output_dir=tmp_path / "ensemble"
+        tmp_path / "m*" / "checkpoints" / "best.ckpt",
+        "data.test_subset=64",
+        "figures=false",
+        output_dir=tmp_path / "ensemble",
     )
     record = evaluate(cfg)
     assert record["kind"] == "ensemble" and record["ensemble_size"] == 2

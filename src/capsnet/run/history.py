@@ -40,10 +40,7 @@ def read_history(run_dir: Path) -> list[dict[str, float]]:
             reader = csv.DictReader(handle)
             if reader.fieldnames is not None and not {"epoch", "step"} <= set(reader.fieldnames):
                 raise DamagedFileError(path, "its header has no epoch and step columns", HISTORY_WAY_OUT)
-            rows = [
-                {k: float(v) if v not in ("", None) else math.nan for k, v in row.items()}
-                for row in reader
-            ]
+            rows = [{k: float(v) if v not in ("", None) else math.nan for k, v in row.items()} for row in reader]
     except (ValueError, TypeError, csv.Error, UnicodeDecodeError) as error:
         raise DamagedFileError(
             path, f"not a history table ({type(error).__name__}: {error})", HISTORY_WAY_OUT
