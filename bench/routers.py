@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from capsnet.nn.models import CapsNet, count_parameters
 from capsnet.run.objectives import OBJECTIVES
-from throughput import PeakMemory, median_seconds, processor
+from throughput import PeakMemory, median_seconds, megabytes, processor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,7 @@ def measure(model: nn.Module, x: Tensor, y: Tensor, device: torch.device, args: 
         "flops_per_image": flops_per_image(model, x),
         "train_images_per_s": args.batch / train_s,
         "inference_images_per_s": args.batch / infer_s,
-        "peak_memory_mb": memory.peak / 2**20,
+        "peak_memory_mb": memory.peak / 2**20 if memory.peak is not None else None,
     }
 
 
@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
         results["rows"][label] = row
         print(
             f"{label:<34} {row['parameters']:>11,} {row['flops_per_image'] / 1e6:>11.1f} "
-            f"{row['train_images_per_s']:>12.1f} {row['inference_images_per_s']:>12.1f} {row['peak_memory_mb']:>8.0f}",
+            f"{row['train_images_per_s']:>12.1f} {row['inference_images_per_s']:>12.1f} "
+            f"{megabytes(None if row['peak_memory_mb'] is None else row['peak_memory_mb'] * 2**20, 8)}",
             flush=True,
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,6 @@ import argparse
 import platform
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -35,41 +34,29 @@ from plain_capsnet import PlainCapsNet, copy_weights
 
 # --------------------------------------------------------------------------------------
 class PeakMemory:
-    """Peak memory of a block: CUDA allocator peak, or sampled RSS growth on the CPU."""
+    """Peak memory of a block: the CUDA allocator's peak (``max_memory_allocated``).  None on
+    the CPU: the process's resident size there says more about what earlier blocks left in
+    the allocator than about this one (later models of one run measured 0 MB), so it is not
+    reported."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.peak = device, 0
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * 4096
+        self.device, self.peak = device, None
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            return self
-        self._base, self._stop = self._rss(), threading.Event()
-        self._max = self._base
-
-        def sample() -> None:
-            while not self._stop.is_set():
-                self._max = max(self._max, self._rss())
-                time.sleep(0.002)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = self._max - self._base
+
+
+def megabytes(size: int | None, width: int) -> str:
+    """``size`` bytes as whole MB, right-aligned in ``width``; a dash when not measured."""
+    return f"{size / 2**20:>{width}.0f}" if size is not None else f"{'–':>{width}}"
 
 
 def median_seconds(step: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
@@ -200,7 +187,7 @@ def bench(args: argparse.Namespace) -> None:
             print(
                 f"{iterations:>2} {variant:<22} {result['train']:>12.1f} {result['train'] / plain_rate['train']:>7.2f}x "
                 f"{result['infer']:>12.1f} {result['infer'] / plain_rate['infer']:>7.2f}x "
-                f"{result['peak'] / 2**20:>9.0f} {result['first_loss']:>11.6f}",
+                f"{megabytes(result['peak'], 9)} {result['first_loss']:>11.6f}",
                 flush=True,
             )
 

@@ -292,7 +292,7 @@ def routing_markdown(rows: list[dict[str, Any]], bench: dict[str, Any] | None) -
         speed = measured.get(f"routing={row['routing']}", {})
 
         def number(key: str, scale: float = 1.0, digits: int = 1, speed: dict[str, float] = speed) -> str:
-            return f"{speed[key] / scale:.{digits}f}" if key in speed else ""
+            return f"{speed[key] / scale:.{digits}f}" if speed.get(key) is not None else ""
 
         name = row["routing"] + (f" ({row['variant']})" if row["variant"] else "")
         lines.append(
