@@ -227,6 +227,7 @@ def test_debug_overfit_trains_on_the_same_batches_every_epoch(make_cfg, tmp_path
     assert len(normal[0]) == 6 and normal[0] != normal[1]
 
 
+@pytest.mark.slow
 def test_debug_fdr_and_profiler_run_from_the_command_line(tmp_path: Path, mnist_dir: Path) -> None:
     fdr = run_cli(
         "train.py", "debug=fdr", "profile=smoke", f"paths.data_dir={mnist_dir}", f"hydra.run.dir={tmp_path / 'fdr'}"

@@ -224,6 +224,7 @@ def _predict_cfg(tmp_path: Path, *overrides: str):
     return cfg
 
 
+@pytest.mark.slow
 def test_train_on_a_folder_then_predict(tmp_path: Path) -> None:
     """The CLI trains on the folder; predict.py reads the checkpoint's recipe and classes,
     names the corrupt file, and prepares each image exactly as the test split was."""

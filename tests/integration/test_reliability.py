@@ -162,6 +162,7 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
 
 
+@pytest.mark.faults
 def test_sigkill_mid_epoch_then_same_command_resumes_exactly(tmp_path: Path, mnist_dir: Path) -> None:
     data = f"paths.data_dir={mnist_dir}"
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"

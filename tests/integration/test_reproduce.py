@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT
 
 TINY = (
@@ -24,6 +26,7 @@ def _make(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
     )
 
 
+@pytest.mark.slow
 def test_reproduce_table_runs_every_experiment_past_a_refused_job_and_lists_it(tmp_path: Path, mnist_dir: Path) -> None:
     # The recipe's own command (make -n prints it), run from a scratch dir so the sweeps and
     # the table land there and not in this checkout's multirun/ and results/.

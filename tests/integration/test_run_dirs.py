@@ -35,6 +35,7 @@ def _compose(*overrides: str):
         return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
 
 
+@pytest.mark.engines
 def test_a_one_process_run_is_not_continued_on_more_ranks(tmp_path: Path, mnist_dir: Path) -> None:
     """The issue's case: a run stopped at step 3 on one device, rerun as DDP on two."""
     run_dir = tmp_path / "run"
@@ -54,6 +55,7 @@ def test_a_one_process_run_is_not_continued_on_more_ranks(tmp_path: Path, mnist_
     assert record["status"] == "completed" and record["steps"] == 4 and "resumed_from" in record
 
 
+@pytest.mark.slow
 def test_resume_with_another_precision_is_refused_and_resume_false_retrains(make_cfg, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     first = run(make_cfg(*SMALL, *FAIL_AT_3, output_dir=run_dir))
@@ -101,6 +103,7 @@ def test_the_learning_rate_schedule_comes_with_the_data(data: str, decay: int) -
     assert _compose("experiment=multimnist").optim.decay_steps == 20000
 
 
+@pytest.mark.slow
 def test_best_checkpoint_survives_a_moved_run_dir(make_cfg, tmp_path: Path) -> None:
     two_epochs = [
         "trainer.max_epochs=2",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -69,6 +70,7 @@ def test_optuna_launches_as_many_trials_at_once_as_the_launcher_runs(tmp_path: P
     assert _compose(*ray, "hydra.sweeper.n_jobs=5").hydra.sweeper.n_jobs == 5  # a cluster: say it
 
 
+@pytest.mark.slow
 def test_smoke_table1_sweep_builds_the_table(tmp_path: Path, mnist_dir: Path) -> None:
     sweep_dir = tmp_path / "table1"
     result = run_cli(

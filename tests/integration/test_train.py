@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from capsnet.run.training import run
 from conftest import run_cli
 
 
+@pytest.mark.slow
 def test_capsnet_learns_on_real_mnist(make_cfg) -> None:
     """~1.5k real digits, one epoch of 24 steps: far better than chance (90% error)."""
     cfg = make_cfg(
@@ -52,6 +55,7 @@ def test_baseline_trains_a_few_steps(make_cfg) -> None:
     assert 0.0 <= record["test_error"] <= 1.0
 
 
+@pytest.mark.slow
 def test_smoke_multirun_writes_four_metrics(tmp_path: Path, mnist_dir: Path) -> None:
     sweep_dir = tmp_path / "sweep"
     result = run_cli(
