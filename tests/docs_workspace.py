@@ -32,11 +32,8 @@ figures: false
 nan_check_every: 1
 hydra:
   sweeper:
-    params:   # one cell of every experiment's grid
-      model: capsnet
-      routing.iters: "3"
-      recon: "true"
-      seed: "0"
+    params:   # one seed of every experiment's grid (every experiment sweeps seed; narrowing a key
+      seed: "0"  # another does not sweep would add it to run dir names, or break it: routing=uniform has no iters)
 """
 
 
@@ -54,8 +51,14 @@ def commands(page: Path) -> list[str]:
 def workspace(base: Path, mnist_dir: Path) -> tuple[Path, dict[str, str]]:
     work = base / "work"
     work.mkdir(parents=True)
-    for name in ("src", "tests", "bench", "scripts", "Makefile", "pyproject.toml", ".venv"):
+    for name in ("tests", "bench", "scripts", "Makefile", "pyproject.toml", ".venv"):
         (work / name).symlink_to(ROOT / name)
+    (work / "src").mkdir()
+    for entry in (ROOT / "src").iterdir():  # the scripts copied: Hydra finds conf/ beside a script's real path
+        if entry.suffix == ".py":
+            shutil.copy(entry, work / "src" / entry.name)
+        else:
+            (work / "src" / entry.name).symlink_to(entry)
     shutil.copytree(ROOT / "conf", work / "conf", ignore=shutil.ignore_patterns("local"))
     (work / "conf" / "local").mkdir()
     (work / "conf" / "local" / "default.yaml").write_text(LOCAL)

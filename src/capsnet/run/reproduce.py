@@ -33,8 +33,16 @@ LAUNCHERS = ("ray_gpus", "slurm")
 PROFILES_NEEDING_A_LAUNCHER_CHOICE = ("fast", "paper")
 
 
+def train_script() -> Path:
+    """The working directory's ``src/train.py`` when it is a checkout (make runs here from the
+    repository root), so that its ``conf/`` (with the per-user ``conf/local/``) is the one the
+    sweeps compose; this package's own checkout otherwise."""
+    here = Path.cwd() / "src" / "train.py"  # not resolved: a linked src/ keeps this conf/
+    return here if here.is_file() else ROOT / "src" / "train.py"
+
+
 def driver_command(experiment: str, args: argparse.Namespace, ray_address: str | None) -> list[str]:
-    command = [sys.executable, str(ROOT / "src" / "train.py"), f"experiment={experiment}", f"profile={args.profile}"]
+    command = [sys.executable, str(train_script()), f"experiment={experiment}", f"profile={args.profile}"]
     if args.launcher:
         command.append(f"hydra/launcher={args.launcher}")
     if args.launcher == "ray_gpus":
