@@ -18,6 +18,16 @@ from capsnet.run import resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+# A run small enough to crash, resume and damage many times in one test: 4 steps an epoch,
+# last.ckpt every 2 steps, no figures.
+SMALL_RUN = [
+    "trainer.limit_train_batches=4",
+    "data.batch_size=8",
+    "data.val_subset=32",
+    "data.test_subset=32",
+    "figures=false",
+    "checkpoint.every_n_steps=2",
+]
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 resolvers.register()

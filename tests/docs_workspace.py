@@ -32,8 +32,9 @@ figures: false
 nan_check_every: 1
 hydra:
   sweeper:
-    params:   # one seed of every experiment's grid (every experiment sweeps seed; narrowing a key
-      seed: "0"  # another does not sweep would add it to run dir names, or break it: routing=uniform has no iters)
+    params:  # every experiment's grid narrowed to seed 0 and recon=true: keys every config has (not
+      seed: "0"     # routing.iters: routing=uniform has none); an experiment that does not sweep recon
+      recon: "true"  # gets recon=True in its run dir names (the docs name no such dir)
 """
 
 

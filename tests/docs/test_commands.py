@@ -5,9 +5,11 @@ checkout (src, tests, bench, scripts, the Makefile and .venv linked in; conf/ co
 that what they write lands there and one command can use what an earlier one made (an
 evaluation reads the checkpoint a training wrote).  They are made small without changing
 their text: the workspace's ``conf/local/default.yaml`` (the per-user config every run
-loads last) shrinks data and steps and narrows every experiment's grid to one cell, so run
-dirs keep the names the page gives them.  Only Ray's declared GPUs are added on the command
-line (this machine has none).
+loads last) shrinks data and steps and narrows every experiment's grid to seed 0 with
+reconstruction (the other keys keep their grid), so run dirs keep the names the page gives
+them.  The scripts of src/ are copies, not links: Hydra finds conf/ beside a script's real
+path, and a link would compose the checkout's conf/ without the narrowing.  Only Ray's
+declared GPUs are added on the command line (this machine has none).
 
 A command that cannot run here is listed below with the test that runs it instead; a new
 command in a page fails this test until it runs or is listed.
@@ -85,3 +87,30 @@ def test_the_elsewhere_list_is_honest() -> None:
     for command in ELSEWHERE:
         assert "slurm" in command or command in ("make test", ". .venv/bin/activate"), command
     assert all(shlex.split(c) for c in ELSEWHERE)
+
+
+def test_the_workspace_runs_compose_its_narrowing(tmp_path: Path, mnist_dir: Path) -> None:
+    """The workspace's commands load its conf/local/ (a linked src/ had made Hydra compose the
+    checkout's conf/: nothing was narrowed, and reproduce-table ran every experiment's grid)."""
+    work, env = workspace(tmp_path, mnist_dir)
+    shown = subprocess.run(
+        ["python", "src/train.py", "experiment=table1", "profile=smoke", "--cfg", "hydra"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    assert (
+        f"file://{work / 'conf'}"
+        in subprocess.run(
+            ["python", "src/train.py", "--info", "searchpath"],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    assert "seed: '0'" in shown and "routing.iters: 1,3,5,7,10" in shown, shown

@@ -14,19 +14,11 @@ import pytest
 from capsnet.reporting.table import main as table_main
 from capsnet.run.rundir import SUPERSEDED_DIR, DamagedFileError, load_checkpoint_file
 from capsnet.run.training import run
-from conftest import run_cli
+from conftest import SMALL_RUN, run_cli
 
 pytestmark = pytest.mark.faults
 
-SMALL = [
-    "trainer.limit_train_batches=4",
-    "data.batch_size=8",
-    "data.val_subset=32",
-    "data.test_subset=32",
-    "figures=false",
-    "checkpoint.every_n_steps=2",
-    "trainer.max_epochs=2",
-]
+SMALL = [*SMALL_RUN, "trainer.max_epochs=2"]
 
 
 def _unfinished(make_cfg, run_dir: Path, step: int = 3) -> dict:

@@ -16,16 +16,9 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from capsnet.run.signature import ResumeMismatchError
 from capsnet.run.training import build_trainer, run
-from conftest import CONF, run_cli
+from conftest import CONF, SMALL_RUN, run_cli
 
-SMALL = [
-    "trainer.limit_train_batches=4",
-    "data.batch_size=8",
-    "data.val_subset=32",
-    "data.test_subset=32",
-    "figures=false",
-    "checkpoint.every_n_steps=2",
-]
+SMALL = SMALL_RUN
 FAIL_AT_3 = ["+callbacks.crash._target_=apps.probes.FailAt", "+callbacks.crash.step=3"]
 
 
