@@ -10,7 +10,10 @@ right away.  A second signal stops it at once wherever it is: every file is writ
 atomically, so the last checkpoint and record on disk stay whole.
 
 Under submitit (SLURM), its own handler of the requeue signal (SIGUSR2) runs after the
-checkpoint and the record are written, so a requeued job resumes from the current step.
+checkpoint and the record are written, so a requeued job resumes from the current step.  It
+runs also when a second signal cut the save short (SLURM's SIGTERM at the time limit, when
+the step in progress outlasted the warning): the job is then requeued from the checkpoint
+before, never left interrupted with its requeues unused.
 """
 
 from __future__ import annotations
@@ -60,8 +63,11 @@ class SignalCatcher:
         self.signum: int | None = None
         self.deferring = False
         self._previous: dict[int, Any] = {}
+        self._noted: list[int] = []  # every signal received, in order, once each
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum not in self._noted:
+            self._noted.append(signum)
         if self.signum is not None or not self.deferring:
             self.signum = signum
             raise Interrupted(signum, forced=self.deferring)
@@ -94,13 +100,13 @@ class SignalCatcher:
         self._previous.clear()
 
     def chain(self) -> None:
-        """Give the signal to the handler that was there before (submitit requeues the job
-        on SIGUSR2 and ignores SIGTERM, which it expects before the final kill)."""
-        if self.signum is None:
-            return
-        previous = self._previous.get(self.signum)
-        if callable(previous) and previous is not signal.default_int_handler:
-            previous(self.signum, None)
+        """Give every signal received, in order, to the handler that was there before
+        (submitit requeues the job on SIGUSR2 and ignores SIGTERM, which it expects before
+        the final kill): a SIGTERM that followed the requeue signal must not hide it."""
+        for signum in self._noted:
+            previous = self._previous.get(signum)
+            if callable(previous) and previous is not signal.default_int_handler:
+                previous(signum, None)
 
 
 @contextmanager
