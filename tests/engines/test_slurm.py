@@ -255,18 +255,20 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_job_at_its_time_limit_is_requeued_and_resumes_to_the_same_result(
     slurm_cluster: dict, mnist_dir: Path, tmp_path: Path
 ) -> None:
-    # Deterministic, 8 steps, a checkpoint after every step.  Under SLURM the run sleeps 20 s
-    # before each step after the first until it has resumed, so its first attempt outlasts
-    # the 2-minute limit.  SLURM checks limits every 30 s and signals early rather than late:
-    # with signal_delay_s=5 the signal comes 85-115 s in, after the first checkpoint, and
-    # leaves the resumed attempt (start-up and 7 fast steps) time to finish.  (With a
-    # 1-minute limit the signal came 25-55 s in, on this loaded 2-core machine sometimes
-    # before the first step, and resumed attempts were cut again.)
+    # Deterministic, 20 steps, a checkpoint every 2.  Under SLURM the run sleeps 8 s before
+    # each step after the first until it has resumed, so its first attempt (over 150 s)
+    # outlasts the 2-minute limit.  SLURM checks limits every 30 s and signals early rather
+    # than late: with signal_delay_s=5 the warning (SIGUSR2) comes 85-115 s in, and the
+    # stop must reach the end of a step before the limit's SIGTERM, when a requeue is still
+    # possible (`scontrol requeue` fails on a job SLURM is already ending).  Short slow steps
+    # leave that margin on a loaded machine (with 20 s steps the warning came 30 s before
+    # the limit and the step in progress outlasted it), and the resumed attempt (start-up
+    # and the remaining fast steps) time to finish.
     run = [
         *SMOKE,
         "deterministic=true",
-        "trainer.limit_train_batches=8",
-        "checkpoint.every_n_steps=1",
+        "trainer.limit_train_batches=20",
+        "checkpoint.every_n_steps=2",
         f"paths.data_dir={mnist_dir}",
     ]
     reference_dir, reference_log = tmp_path / "reference", tmp_path / "reference.log"
@@ -291,7 +293,7 @@ def test_job_at_its_time_limit_is_requeued_and_resumes_to_the_same_result(
             *run,
             "seed=0",
             f"+callbacks.slow._target_={PROBE}.SlowUntilResumed",
-            "+callbacks.slow.seconds=20",
+            "+callbacks.slow.seconds=8",
             f"+callbacks.job_record._target_={PROBE}.JobRecord",
             f"+callbacks.job_record.path={records}",
             f"hydra.sweep.dir={tmp_path / 'sweep'}",
@@ -328,7 +330,7 @@ def test_job_at_its_time_limit_is_requeued_and_resumes_to_the_same_result(
     assert "resumed_from" not in expected
     for key in ("steps", "epochs", "val_error", "test_error", "val_examples", "test_examples"):
         assert resumed[key] == expected[key], key
-    assert resumed["steps"] == 8
+    assert resumed["steps"] == 20
     reference_weights, resumed_weights = _final_weights(reference_dir), _final_weights(run_dir)
     assert resumed_weights.keys() == reference_weights.keys()
     for name, tensor in reference_weights.items():
