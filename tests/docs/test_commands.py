@@ -55,6 +55,11 @@ def test_every_command_run_elsewhere_is_run_there() -> None:
             assert f"def {name}(" in (ROOT / path).read_text(), f"{where} does not exist"
 
 
+def run_in(work: Path, env: dict[str, str], *command: str) -> subprocess.CompletedProcess:
+    """A command in the workspace, as a user's shell there would run it."""
+    return subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=1200, check=False)
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_every_command_of_the_page_runs(page: Path, tmp_path: Path, mnist_dir: Path) -> None:
     """The page's commands in order, in one workspace."""
@@ -65,15 +70,7 @@ def test_every_command_of_the_page_runs(page: Path, tmp_path: Path, mnist_dir: P
             report.append(f"{page.name}: {command}  ->  {ELSEWHERE[command]}")
             continue
         started = time.time()
-        result = subprocess.run(
-            ["bash", "-c", adapted(command)],
-            cwd=work,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=1200,
-            check=False,
-        )
+        result = run_in(work, env, "bash", "-c", adapted(command))
         took = time.time() - started
         report.append(f"{page.name}: {command}  ->  exit {result.returncode} in {took:.0f} s")
         assert result.returncode == 0, (
@@ -93,24 +90,8 @@ def test_the_workspace_runs_compose_its_narrowing(tmp_path: Path, mnist_dir: Pat
     """The workspace's commands load its conf/local/ (a linked src/ had made Hydra compose the
     checkout's conf/: nothing was narrowed, and reproduce-table ran every experiment's grid)."""
     work, env = workspace(tmp_path, mnist_dir)
-    shown = subprocess.run(
-        ["python", "src/train.py", "experiment=table1", "profile=smoke", "--cfg", "hydra"],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    ).stdout
-    assert (
-        f"file://{work / 'conf'}"
-        in subprocess.run(
-            ["python", "src/train.py", "--info", "searchpath"],
-            cwd=work,
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    )
-    assert "seed: '0'" in shown and "routing.iters: 1,3,5,7,10" in shown, shown
+    searchpath = run_in(work, env, "python", "src/train.py", "--info", "searchpath")
+    shown = run_in(work, env, "python", "src/train.py", "experiment=table1", "profile=smoke", "--cfg", "hydra")
+    assert searchpath.returncode == 0 and shown.returncode == 0, searchpath.stderr + shown.stderr
+    assert f"file://{work / 'conf'}" in searchpath.stdout, searchpath.stdout
+    assert "seed: '0'" in shown.stdout and "routing.iters: 1,3,5,7,10" in shown.stdout, shown.stdout

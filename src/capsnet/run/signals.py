@@ -11,9 +11,10 @@ atomically, so the last checkpoint and record on disk stay whole.
 
 Under submitit (SLURM), its own handler of the requeue signal (SIGUSR2) runs after the
 checkpoint and the record are written, so a requeued job resumes from the current step.  It
-runs also when a second signal cut the save short (SLURM's SIGTERM at the time limit, when
-the step in progress outlasted the warning): the job is then requeued from the checkpoint
-before, never left interrupted with its requeues unused.
+runs also when a second signal cut the save short: a later SIGTERM never hides the requeue
+signal.  (When that SIGTERM is SLURM ending the job at its limit, SLURM no longer requeues
+it and the job stays ``interrupted``, to resume by the same command: the stop must reach
+a step's end within ``signal_delay_s`` of the warning.)
 """
 
 from __future__ import annotations
